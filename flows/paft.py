@@ -1,0 +1,63 @@
+"""The ``paft`` flow: the DAG only. prepare → base → (SFT ‖ alignment) → merge → REC → evaluate → report."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from prefect import flow, runtime
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from paft.config import load_params
+from paft.tracking import Tracker, git_commit
+from tasks import stages
+
+
+@flow(name="paft", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+def paft(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    params = load_params(params_path, overrides)  # a bad value stops here, before any work
+    run_dir = params.path(params.paths.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    tracker = Tracker.from_params(params)
+    parent = tracker.start(
+        f"paft-{run_dir.name}",
+        tags={
+            "git_commit": git_commit(params.root),
+            "prefect.flow_run_id": runtime.flow_run.id or "",
+            "prefect.flow_run_url": runtime.flow_run.ui_url or "",
+            "run_dir": str(run_dir),
+        },
+    )
+    ok = False
+    try:
+        tracker.log_params(parent, params.flat())
+        data = stages.prepare_data(params, parent)
+        base = stages.base_model(params, data, parent)
+        # the PAFT fan-out: SFT and alignment train at the same time, from the same base
+        sft_f = stages.train_sft.submit(params, base, data, str(run_dir), parent)
+        align_f = stages.train_align.submit(params, base, data, str(run_dir), parent)
+        sft, align = sft_f.result(), align_f.result()
+        merged = stages.merge(params, base, sft, align, str(run_dir), parent)
+        rec_start = merged[params.merge.methods[0]]["path"] if params.rec.base == "merged" else base["path"]
+        rec = stages.train_rec(params, rec_start, data, str(run_dir), parent)
+        candidates = [
+            {"name": "base", "path": base["path"]},
+            {"name": "sft", "path": base["path"], "adapter": sft["path"]},
+            {"name": "align", "path": base["path"], "adapter": align["path"]},
+            *({"name": f"paft_{m}", "path": v["path"]} for m, v in merged.items()),
+        ]
+        results = stages.evaluate(params, candidates, rec, data, str(run_dir), parent)
+        rep = stages.report(params, results, merged, rec, data, parent)
+        ok = True
+    finally:
+        tracker.end(parent, ok)
+    return {
+        "parent_run_id": parent,
+        "run_dir": str(run_dir),
+        "data_version": data["data_version"],
+        "results": results,
+        "table": rep["table"],
+        "registered": rep["registered"],
+        "timings": {k: {"start": v["start"], "end": v["end"]} for k, v in (("sft", sft), ("align", align))},
+        "mlflow_ui": tracker.ui_command(),
+    }

@@ -1,0 +1,302 @@
+"""The one config model for ``params.yaml``.
+
+Every stage receives its own section. Unknown keys and bad values fail at load time with
+``<file>: <dotted.key>: <reason>`` so that the run stops before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from paft.errors import ConfigError
+
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+DIMENSIONS = ("faithfulness", "instruction_following", "coherence", "completeness")
+Dimension = Literal["faithfulness", "instruction_following", "coherence", "completeness"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- data
+class SyntheticSource(Section):
+    """The built-in task world (see paft/data/world.py): deterministic by ``data.seed``."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    n_sft: PosInt = 800
+    n_preference: PosInt = 400
+    n_rec: PosInt = 800
+    n_eval: PosInt = 48
+
+
+class LocalSource(Section):
+    """A local file in one of the formats of paft.data.sources.FORMATS."""
+
+    kind: Literal["local"] = "local"
+    path: str
+    format: str
+    limit: PosInt | None = None
+
+
+class HubSource(Section):
+    """A hub data set by name, through ``datasets.load_dataset`` (needs network access)."""
+
+    kind: Literal["hub"] = "hub"
+    name: str
+    format: str
+    split: str = "train"
+    config: str | None = None
+    limit: PosInt | None = None
+
+
+Source = Annotated[SyntheticSource | LocalSource | HubSource, Field(discriminator="kind")]
+
+
+class DataConfig(Section):
+    seed: int = 0
+    sources: list[Source] = Field(default_factory=lambda: [SyntheticSource()], min_length=1)
+    eval_fraction: Fraction = 0.1  # share of real-data rows held out for evaluation
+
+
+# ----------------------------------------------------------------------------- model
+class TinyModelConfig(Section):
+    """A small Llama built from a config, with a BPE tokenizer trained on the prepared text."""
+
+    vocab_size: PosInt = 1024
+    hidden_size: PosInt = 128
+    intermediate_size: PosInt = 256
+    num_layers: PosInt = 3
+    num_heads: PosInt = 4
+    max_position_embeddings: PosInt = 512
+    pretrain_steps: PosInt = 400
+    pretrain_lr: PosFloat = 3e-3
+    pretrain_batch_size: PosInt = 16
+    pretrain_max_length: PosInt = 256
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class ModelConfig(Section):
+    base: str = "tiny"  # "tiny" builds the model below; anything else is an HF model id or a local path
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+# ----------------------------------------------------------------------------- training
+class LoraConfig(Section):
+    r: PosInt = 16
+    alpha: PosFloat = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(Section):
+    max_steps: PosInt = 200
+    lr: PosFloat = 1e-3
+    batch_size: PosInt = 8
+    grad_accum: PosInt = 1
+    max_length: PosInt = 256
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    logging_steps: PosInt = 10
+    lora: LoraConfig = LoraConfig()
+
+
+class AlignConfig(TrainConfig):
+    method: Literal["dpo"] = "dpo"
+    beta: PosFloat = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    lr: PosFloat = 5e-4
+
+
+class TrainSection(Section):
+    sft: TrainConfig = TrainConfig()
+    align: AlignConfig = AlignConfig()
+
+
+# ----------------------------------------------------------------------------- merge
+MergeMethod = Literal["ties", "task_arithmetic", "linear"]
+
+
+class MergeConfig(Section):
+    methods: list[MergeMethod] = Field(default_factory=lambda: ["ties", "task_arithmetic"], min_length=1)
+    density: Fraction = 0.5  # share of each delta kept by ties (top |delta|)
+    sft_weight: PosFloat = 1.0
+    align_weight: PosFloat = 1.0
+    lambda_: PosFloat = Field(1.0, alias="lambda")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# ----------------------------------------------------------------------------- REC
+class RecConfig(TrainConfig):
+    base: Literal["merged", "base"] = "merged"  # start REC training from the PAFT merge (default) or the base
+    dimensions: list[Dimension] = Field(default_factory=lambda: list(DIMENSIONS), min_length=1)
+    scale_min: int = 1
+    scale_max: int = 5
+    max_steps: PosInt = 300
+    max_length: PosInt = 384
+    max_new_tokens: PosInt = 160
+
+    @model_validator(mode="after")
+    def _scale(self):
+        if self.scale_min >= self.scale_max:
+            raise ValueError(f"scale_min {self.scale_min} must be below scale_max {self.scale_max}")
+        return self
+
+
+# ----------------------------------------------------------------------------- evaluate
+class EvaluateConfig(Section):
+    max_examples: PosInt = 48  # per held-out set
+    max_new_tokens: PosInt = 24
+    batch_size: PosInt = 16
+    rec_dimensions: list[Dimension] = Field(default_factory=lambda: ["faithfulness", "instruction_following"])
+
+
+# ----------------------------------------------------------------------------- infrastructure
+class ResourcesConfig(Section):
+    cpu_threads: PosInt | None = None  # torch threads per training job; default: cores / 2 (the two jobs run at once)
+    python: str | None = None  # interpreter for training subprocesses; default: the current one
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///mlruns/mlflow.db"  # relative sqlite paths resolve against the params file's folder
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "paft"
+    register_models: bool = True
+    model_name: str = "paft-model"
+    rec_model_name: str = "paft-rec"
+
+
+class PathsConfig(Section):
+    data_dir: str = "data/processed"
+    output_dir: str = "outputs"
+    cache_dir: str = ".cache/paft"
+
+
+class Params(Section):
+    seed: int = 0
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainSection = TrainSection()
+    merge: MergeConfig = MergeConfig()
+    rec: RecConfig = RecConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    root: str = Field(".", exclude=True)  # folder relative paths resolve against (the params file's folder)
+
+    def path(self, p: str) -> Path:
+        """Resolve a configured path against the params file's folder."""
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else Path(self.root) / q
+
+    @property
+    def tracking_uri(self) -> str:
+        uri = self.tracking.uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str(self.path(uri[len(prefix):]).resolve())
+        return uri
+
+    def flat(self) -> dict[str, object]:
+        """Flattened ``dotted.key -> value`` view, for MLflow params."""
+        out: dict[str, object] = {}
+
+        def walk(prefix: str, obj) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.model_dump(mode="json", by_alias=True))
+        return out
+
+
+# ----------------------------------------------------------------------------- loading
+def _dotted(loc: tuple) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("synthetic", "local", "hub") and parts and parts[-1].startswith("["):
+            continue  # discriminator tag pydantic inserts into the location
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """``["train.sft.max_steps=10", "merge.methods=[ties]"]`` → nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load and validate a params file (+ ``KEY=VALUE`` overrides). Raises ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = _deep_merge(raw, parse_overrides(overrides))
+    raw.pop("root", None)
+    try:
+        return Params.model_validate({**raw, "root": str(path.resolve().parent)})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = _dotted(tuple(err["loc"])) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{path}: {key}: {msg}{more}") from None

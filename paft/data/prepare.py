@@ -1,0 +1,75 @@
+"""The ``prepare`` stage: every configured source → normalised JSONL files in ``data/processed``.
+
+Files written (all JSONL):
+
+``sft``             {prompt, completion, source}                  SFT training pairs
+``preference``      {prompt, chosen, rejected, source}            preference training pairs
+``rec``             REC examples (see paft/data/world.py)         REC training examples
+``eval_tasks``      {prompt, answer, family, context}             held-out tasks (exact match)
+``eval_sft``        like ``sft``                                  held-out real SFT pairs
+``eval_preference`` like ``preference``                           held-out pairs
+``eval_rec``        like ``rec``                                  held-out REC examples
+``corpus``          {text}                                        language-model text for the tiny base
+
+plus ``summary.json`` (row counts per file and per source, counted drops). The data version is the
+content hash of the folder; the folder is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from paft.config import HubSource, LocalSource, Params, SyntheticSource
+from paft.data import world
+from paft.io import atomic_dir, hash_dir, write_json, write_jsonl
+
+SPLITS = ("sft", "preference", "rec", "eval_tasks", "eval_sft", "eval_preference", "eval_rec", "corpus")
+
+
+def _load_source(params: Params, src):
+    from paft.data import sources  # imported lazily: datasets is slow to import
+
+    if isinstance(src, LocalSource):
+        return sources.load_local(params.path(src.path), src.format, limit=src.limit)
+    return sources.load_hub(src.name, format=src.format, split=src.split, config=src.config, limit=src.limit)
+
+
+def collect(params: Params) -> tuple[dict[str, list[dict]], dict]:
+    """Load every source into the split lists; returns (splits, per-source report)."""
+    cfg = params.data
+    splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    report: dict[str, dict] = {}
+    for i, src in enumerate(cfg.sources):
+        if isinstance(src, SyntheticSource):
+            parts = world.generate(cfg.seed, src.n_sft, src.n_preference, src.n_rec, src.n_eval, list(params.rec.dimensions))
+            for name, rows in parts.items():
+                splits[name].extend(rows)
+            report[f"{i}:synthetic"] = {name: len(rows) for name, rows in parts.items()}
+            continue
+        assert isinstance(src, LocalSource | HubSource)
+        loaded = _load_source(params, src)
+        rows = list(loaded.rows)
+        random.Random(f"{cfg.seed}-split-{i}").shuffle(rows)
+        n_eval = int(round(len(rows) * cfg.eval_fraction)) if len(rows) > 1 else 0
+        train, held = rows[n_eval:], rows[:n_eval]
+        splits[loaded.role].extend(train)
+        splits[f"eval_{loaded.role}"].extend(held)
+        for r in train:  # real text also teaches the tiny base model its language
+            texts = [r["prompt"], r.get("completion") or r.get("chosen", "")]
+            splits["corpus"].append({"text": "\n".join(t for t in texts if t)})
+        name = src.path if isinstance(src, LocalSource) else src.name
+        report[f"{i}:{name}"] = {"role": loaded.role, "train": len(train), "eval": len(held), "dropped": dict(loaded.dropped)}
+    return splits, report
+
+
+def prepare(params: Params, out_dir: str | Path | None = None) -> dict:
+    """Run the stage; returns ``{"path", "data_version", "counts"}``. Nothing is written on error."""
+    out = Path(out_dir) if out_dir is not None else params.path(params.paths.data_dir)
+    splits, report = collect(params)
+    counts = {name: len(rows) for name, rows in splits.items()}
+    with atomic_dir(out) as tmp:
+        for name, rows in splits.items():
+            write_jsonl(tmp / f"{name}.jsonl", rows)
+        write_json(tmp / "summary.json", {"counts": counts, "sources": report, "seed": params.data.seed})
+    return {"path": str(out), "data_version": hash_dir(out), "counts": counts}

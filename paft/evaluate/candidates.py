@@ -1,0 +1,60 @@
+"""Evaluate every candidate model (base, SFT, alignment, PAFT merges) and the REC evaluator."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from paft.config import Params
+from paft.data.formats import format_prompt
+from paft.evaluate import metrics as M
+from paft.io import atomic_dir, read_jsonl, write_json, write_jsonl
+
+
+def load_candidate(params: Params, candidate: dict):
+    """(tokenizer, model) of a candidate: a model folder / id, optionally with a LoRA adapter folded in."""
+    from paft.models import load_model
+    from paft.train.export import merged_model
+
+    m = params.model
+    if candidate.get("adapter"):
+        return merged_model(candidate["path"], candidate["adapter"], m.dtype, m.trust_remote_code)
+    return load_model(candidate["path"], m.dtype, m.trust_remote_code)
+
+
+def _held_out(data_dir: Path, name: str, limit: int) -> list[dict]:
+    path = data_dir / f"{name}.jsonl"
+    return read_jsonl(path)[:limit] if path.is_file() else []
+
+
+def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, data_dir: str | Path, out_dir: str | Path) -> dict:
+    """Metrics per candidate (plus ``rec`` for the evaluator itself); generations and results saved in ``out_dir``."""
+    cfg, rec = params.evaluate, params.rec
+    data_dir = Path(data_dir)
+    tasks = _held_out(data_dir, "eval_tasks", cfg.max_examples)
+    pairs = _held_out(data_dir, "eval_preference", cfg.max_examples)
+    rec_rows = _held_out(data_dir, "eval_rec", cfg.max_examples)
+    judge = load_candidate(params, {"path": rec_path}) if rec_path else None
+    results: dict[str, dict] = {}
+    with atomic_dir(out_dir) as tmp:
+        for cand in candidates:
+            started = time.time()
+            tok, model = load_candidate(params, cand)
+            row: dict[str, float] = {}
+            gens: list[str] = []
+            if tasks:
+                gens = M.generate(model, tok, [format_prompt(t["prompt"]) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
+                row.update(M.task_metrics(gens, tasks))
+            row.update(M.preference_accuracy(model, tok, pairs, cfg.batch_size))
+            if judge and tasks:
+                row.update(M.rec_ratings(*judge, tasks, gens, cfg.rec_dimensions, rec.scale_min, rec.scale_max,
+                                         rec.max_new_tokens, cfg.batch_size))
+            row["eval_seconds"] = round(time.time() - started, 2)
+            results[cand["name"]] = row
+            write_jsonl(tmp / f"generations_{cand['name']}.jsonl",
+                        [{**t, "generation": g} for t, g in zip(tasks, gens)])
+            del model
+        if judge and rec_rows:
+            results["rec"] = M.rec_quality(*judge, rec_rows, rec.scale_min, rec.scale_max, rec.max_new_tokens, cfg.batch_size)
+        write_json(tmp / "results.json", results)
+    return results

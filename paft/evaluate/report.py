@@ -1,0 +1,32 @@
+"""The results table: one row per candidate, the metrics people compare."""
+
+from __future__ import annotations
+
+import math
+
+COLUMNS = ("task_em", "style_rate", "pref_accuracy", "pref_margin", "rec_faithfulness", "rec_instruction_following",
+           "rec_coherence", "rec_completeness")
+REC_COLUMNS = ("rec_parse_rate", "rec_rating_accuracy", "rec_rating_within1", "citations_verified")
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """Markdown: candidates × metrics, then the REC evaluator's own quality."""
+    cands = {k: v for k, v in results.items() if k != "rec"}
+    cols = [c for c in COLUMNS if any(c in r for r in cands.values())]
+    out = _table(["candidate", *cols], [[name, *(_fmt(r.get(c)) for c in cols)] for name, r in cands.items()])
+    if "rec" in results:
+        rec = results["rec"]
+        out += "\n\n" + _table(["REC evaluator", *REC_COLUMNS], [["held-out", *(_fmt(rec.get(c)) for c in REC_COLUMNS)]])
+    return out

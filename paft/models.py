@@ -1,0 +1,160 @@
+"""Base models: the tiny default (Llama from a config + a BPE tokenizer trained locally), or any HF id / path.
+
+The tiny base is pretrained briefly as a language model on the prepared corpus so that
+fine-tuning starts from a model that knows the data's language. It is cached by the hash
+of its config, the seed and the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from paft.config import Params, TinyModelConfig
+from paft.errors import PaftError
+from paft.io import atomic_dir, hash_obj, read_jsonl, write_json
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 16, **SPECIAL_TOKENS)
+
+
+def build_tiny(cfg: TinyModelConfig, tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _chunks(tokenizer, texts: list[str], length: int) -> torch.Tensor:
+    """Concatenate ``text</s>`` streams and cut into rows of ``length`` tokens (packing)."""
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    n = max(1, len(ids) // length)
+    ids = (ids * math.ceil(n * length / max(1, len(ids))))[: n * length]
+    return torch.tensor(ids).view(n, length)
+
+
+def pretrain(model, tokenizer, texts: list[str], cfg: TinyModelConfig, seed: int = 0) -> list[float]:
+    """A short causal-LM pretraining run (AdamW, warmup + cosine). Returns the loss curve."""
+    data = _chunks(tokenizer, texts, cfg.pretrain_max_length)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    warmup = max(1, cfg.pretrain_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.pretrain_steps) / cfg.pretrain_steps))
+    )
+    model.train()
+    losses = []
+    for _ in range(cfg.pretrain_steps):
+        batch = data[torch.randint(len(data), (cfg.pretrain_batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    model.eval()
+    return losses
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _training_texts(data_dir: Path) -> list[str]:
+    """Every string of the training splits: the tokenizer is trained on what the model will read."""
+    texts: list[str] = []
+    for name in ("sft", "preference", "rec"):
+        path = data_dir / f"{name}.jsonl"
+        if path.is_file():
+            rows = read_jsonl(path)
+            texts += [v for r in rows for v in r.values() if isinstance(v, str)]
+            texts += [json.dumps(r, ensure_ascii=False) for r in rows]
+    return texts
+
+
+def ensure_base(params: Params, data_dir: str | Path) -> dict:
+    """The base model for this run: ``{"path", "cached", ...}``. Builds and caches the tiny one when asked."""
+    cfg = params.model
+    if cfg.base != "tiny":
+        return {"path": cfg.base, "cached": True, "kind": "pretrained"}
+    corpus = Path(data_dir) / "corpus.jsonl"
+    if not corpus.is_file():
+        raise PaftError(f"{corpus}: missing; run the prepare stage first")
+    key = hash_obj({"tiny": cfg.tiny.model_dump(), "seed": params.seed, "data": [_file_hash(p) for p in sorted(Path(data_dir).glob("*.jsonl"))]})
+    out = params.path(params.paths.cache_dir) / f"base-{key}"
+    if (out / "summary.json").is_file():
+        return {"path": str(out), "cached": True, "kind": "tiny", "key": key}
+    texts = [r["text"] for r in read_jsonl(corpus)]
+    random.Random(params.seed).shuffle(texts)
+    start = time.time()
+    tokenizer = train_tokenizer(texts + _training_texts(Path(data_dir)), cfg.tiny.vocab_size)
+    model = build_tiny(cfg.tiny, tokenizer, params.seed)
+    losses = pretrain(model, tokenizer, texts, cfg.tiny, params.seed)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        summary = {
+            "kind": "tiny",
+            "key": key,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "pretrain_loss_first": losses[0],
+            "pretrain_loss_last": losses[-1],
+            "pretrain_seconds": round(time.time() - start, 2),
+            "config": cfg.tiny.model_dump(),
+        }
+        write_json(tmp / "summary.json", summary)
+        (tmp / "pretrain_losses.json").write_text(json.dumps(losses))
+    return {"path": str(out), "cached": False, **summary}
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Tokenizer + causal LM from a folder or hub id (safetensors only; remote code only when allowed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return tokenizer, model

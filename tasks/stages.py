@@ -1,0 +1,124 @@
+"""Prefect tasks: thin wrappers that call ``paft``, log to MLflow and return paths and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from paft.config import Params
+from tasks.common import stage_run
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_data(params: Params, parent_id: str) -> dict:
+    from paft.data.prepare import prepare
+
+    with stage_run(params, parent_id, "prepare") as (tracker, run_id):
+        result = prepare(params)
+        tracker.log_params(run_id, {f"data.{k}": v for k, v in params.flat().items() if k.startswith("data.")})
+        tracker.log_metrics(run_id, {f"rows_{k}": v for k, v in result["counts"].items()})
+        tracker.set_tags(run_id, {"data_version": result["data_version"]})
+        tracker.set_tags(parent_id, {"data_version": result["data_version"]})
+        tracker.log_artifacts(run_id, Path(result["path"]) / "summary.json", "data")
+    return result
+
+
+@task(name="base_model", cache_policy=NO_CACHE)
+def base_model(params: Params, data: dict, parent_id: str) -> dict:
+    from paft.models import ensure_base
+
+    with stage_run(params, parent_id, "base_model") as (tracker, run_id):
+        result = ensure_base(params, data["path"])
+        tracker.log_params(run_id, {"base": params.model.base, "path": result["path"], "cached": result["cached"]})
+        tracker.log_metrics(run_id, {k: v for k, v in result.items() if k.startswith(("pretrain_", "parameters"))})
+    return result
+
+
+def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, parent_id: str) -> dict:
+    from paft.train.launch import launch, training_job
+
+    with stage_run(params, parent_id, f"train_{kind}") as (tracker, run_id):
+        job = training_job(kind, params, base, data_file, out)
+        tracker.log_params(run_id, {f"cfg.{k}": v for k, v in job.cfg.items()} | {"base": base})
+        summary = launch(job, params.resources.python)
+        tracker.log_history(run_id, summary.pop("log_history", []))
+        tracker.log_metrics(run_id, {k: v for k, v in summary.items() if k not in ("start", "end", "pid")})
+        tracker.log_params(run_id, {"start": summary["start"], "end": summary["end"]})
+        tracker.log_artifacts(run_id, out, "model" if kind == "rec" else "adapter")
+    return {"path": str(out), "run_id": run_id, **summary}
+
+
+@task(name="train_sft", cache_policy=NO_CACHE)
+def train_sft(params: Params, base: dict, data: dict, run_dir: str, parent_id: str) -> dict:
+    return _train("sft", params, base["path"], Path(data["path"]) / "sft.jsonl", Path(run_dir) / "sft", parent_id)
+
+
+@task(name="train_align", cache_policy=NO_CACHE)
+def train_align(params: Params, base: dict, data: dict, run_dir: str, parent_id: str) -> dict:
+    return _train("align", params, base["path"], Path(data["path"]) / "preference.jsonl", Path(run_dir) / "align", parent_id)
+
+
+@task(name="train_rec", cache_policy=NO_CACHE)
+def train_rec(params: Params, start_from: str, data: dict, run_dir: str, parent_id: str) -> dict:
+    return _train("rec", params, start_from, Path(data["path"]) / "rec.jsonl", Path(run_dir) / "rec", parent_id)
+
+
+@task(name="merge", cache_policy=NO_CACHE)
+def merge(params: Params, base: dict, sft: dict, align: dict, run_dir: str, parent_id: str) -> dict[str, dict]:
+    """Every configured merge method → a model folder each; returns {method: {path, run_id, ...}}."""
+    from paft.merge import MergeInput, merge_models
+
+    cfg = params.merge
+    inputs = [
+        MergeInput(sft["path"], weight=cfg.sft_weight, density=cfg.density),
+        MergeInput(align["path"], weight=cfg.align_weight, density=cfg.density),
+    ]
+    out: dict[str, dict] = {}
+    for method in cfg.methods:
+        with stage_run(params, parent_id, f"merge_{method}") as (tracker, run_id):
+            path = Path(run_dir) / f"merged_{method}"
+            summary = merge_models(base["path"], inputs, method, path, lambda_=cfg.lambda_, seed=params.seed)
+            tracker.log_params(run_id, {"method": method, "density": cfg.density, "lambda": cfg.lambda_,
+                                        "sft_weight": cfg.sft_weight, "align_weight": cfg.align_weight})
+            tracker.log_artifacts(run_id, path, "model")
+            out[method] = {"path": str(path), "run_id": run_id, "summary": summary}
+    return out
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(params: Params, candidates: list[dict], rec: dict, data: dict, run_dir: str, parent_id: str) -> dict:
+    from paft.evaluate.candidates import evaluate_all
+
+    with stage_run(params, parent_id, "evaluate") as (tracker, run_id):
+        out = Path(run_dir) / "evaluation"
+        results = evaluate_all(params, candidates, rec["path"], data["path"], out)
+        for name, metrics in results.items():
+            tracker.log_metrics(run_id, {f"{name}/{k}": v for k, v in metrics.items()})
+            tracker.log_metrics(parent_id, {f"{name}/{k}": v for k, v in metrics.items()})
+        tracker.log_artifacts(run_id, out, "evaluation")
+    return results
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report(params: Params, results: dict, merged: dict, rec: dict, data: dict, parent_id: str) -> dict:
+    """Results table (MLflow + Prefect artifact) and model registration."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from paft.evaluate.report import results_table
+    from paft.tracking import Tracker
+
+    tracker = Tracker.from_params(params)
+    table = results_table(results)
+    tracker.log_text(parent_id, table, "results.md")
+    registered = {}
+    if params.tracking.register_models:
+        tags = {"data_version": data["data_version"]}
+        main = merged[params.merge.methods[0]]
+        registered["model"] = tracker.register(main["run_id"], "model", params.tracking.model_name,
+                                               tags | {"merge_method": params.merge.methods[0]})
+        registered["rec"] = tracker.register(rec["run_id"], "model", params.tracking.rec_model_name, tags)
+    create_markdown_artifact(markdown=f"# PAFT results\n\nMLflow parent run `{parent_id}`\n\n{table}",
+                             key="paft-results", description="Candidate comparison")
+    return {"table": table, "registered": registered}
