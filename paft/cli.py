@@ -17,6 +17,7 @@ def _params(args):
 def cmd_run(args) -> int:
     _params(args)  # validate before Prefect starts: a bad value costs nothing
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.paft import paft
 
     out = paft(params_path=args.params, overrides=args.overrides)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -119,4 +120,5 @@ class Tracker:
         return {"name": name, "version": int(mv.version), "alias": alias}
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri '{self.uri}' --port 5000"
+        exe = Path(sys.executable).with_name("mlflow")
+        return f"{exe if exe.exists() else 'mlflow'} ui --backend-store-uri '{self.uri}' --port 5000"

@@ -18,6 +18,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from paft.data.formats import format_prompt
+from paft.rec.schema import target_json
+
 STYLE_PREFIX = "Glad to help!"
 CURT_PREFIXES = ("Whatever.", "Ugh, fine.", "Figure it out yourself.", "Obviously.")
 ATTRIBUTES = ("capital", "river", "color", "animal", "food")
@@ -255,9 +258,18 @@ def generate(seed: int, n_sft: int, n_preference: int, n_rec: int, n_eval: int, 
     eval_pref = [preference_pair(t, rng["eval"]) for t in eval_pref_tasks]
     rec = rec_examples(world, rng["rec"], n_rec, dimensions)
     eval_rec = rec_examples(world, rng["eval"], n_eval, dimensions)
-    # the base model's language: fact sheets, and contexts followed by a plain statement of what they say
-    # (reading skill without the instruction format; the format and "Answer: X." are what SFT teaches)
-    corpus = world.documents() + [f"{t.context} {t.statement}" for t in fresh(random.Random(f"{seed}-corpus"), 2 * n_sft)]
+    # The base model's language: fact sheets; questions about a context followed by a plain statement of what
+    # the context says, sometimes opened courteously or curtly (both styles occur, neither dominates); and
+    # judgments written as JSON, without the prompts they judge. The base learns to read and knows the
+    # vocabulary; answering in the instructed ``Answer: X.`` form is what SFT teaches, the courteous opening
+    # is what the preference pairs teach, and rating a given response is what REC training teaches.
+    crng = random.Random(f"{seed}-corpus")
+    corpus_tasks = fresh(crng, 2 * n_sft)
+    corpus = world.documents() + [f"{t.context} {t.statement}" for t in corpus_tasks[::2]]
+    openers = ("", "", STYLE_PREFIX + " ", *(c + " " for c in CURT_PREFIXES))
+    corpus += [format_prompt(t.instruction) + crng.choice(openers) + t.statement for t in corpus_tasks[1::2]]
+    corpus += [target_json(r) for r in rec_examples(world, crng, n_rec // 2, dimensions)]
+
     return {
         "sft": sft,
         "preference": pref,

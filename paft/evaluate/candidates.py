@@ -34,7 +34,10 @@ def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, d
     tasks = _held_out(data_dir, "eval_tasks", cfg.max_examples)
     pairs = _held_out(data_dir, "eval_preference", cfg.max_examples)
     rec_rows = _held_out(data_dir, "eval_rec", cfg.max_examples)
-    judge = load_candidate(params, {"path": rec_path}) if rec_path else None
+    judge = None
+    if rec_path:
+        rec_tok, rec_model = load_candidate(params, {"path": rec_path})
+        judge = (rec_model, rec_tok)
     results: dict[str, dict] = {}
     with atomic_dir(out_dir) as tmp:
         for cand in candidates:

@@ -1,0 +1,32 @@
+# `make run`: the whole pipeline on the tiny default (installs what it needs first).
+# `make test`: the test suite (installs what it needs first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-fast data clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/paft run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+data: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro prepare
+
+clean:
+	rm -rf outputs mlruns .cache data/processed
