@@ -24,9 +24,6 @@ def parse_judgment(text: str, lo: int = 1, hi: int = 5) -> Judgment | None:
         except (json.JSONDecodeError, ValidationError, TypeError):
             pass
         start = text.find("{", start + 1)
-    m = re.search(r'"rating"\s*:\s*(\d+)', text)  # truncated output: keep the rating if it is there
-    if m and lo <= int(m.group(1)) <= hi:
-        return Judgment(dimension="", rating=int(m.group(1)), explanation="", citations=[])
     return None
 
 

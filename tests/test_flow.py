@@ -1,0 +1,76 @@
+"""The whole flow, in-process, on the micro config: every stage runs and MLflow holds the record."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from paft.config import load_params
+from tests.conftest import write_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory, prefect_harness):
+    from flows.paft import paft
+
+    folder = tmp_path_factory.mktemp("flow")
+    params_path = write_params(folder)
+    out = paft(params_path=str(params_path), overrides=[])
+    return out, load_params(params_path)
+
+
+def test_flow_runs_every_stage_and_reports_every_candidate(flow_run):
+    out, params = flow_run
+    assert set(out["results"]) == {"base", "sft", "align", "paft_ties", "paft_task_arithmetic", "rec"}
+    for name in ("base", "sft", "align", "paft_ties", "paft_task_arithmetic"):
+        row = out["results"][name]
+        assert 0 <= row["task_em"] <= 1 and 0 <= row["pref_accuracy"] <= 1
+        assert "rec_faithfulness_parse_rate" in row
+    assert set(out["results"]["rec"]) >= {"rec_parse_rate", "rec_rating_accuracy", "citations_verified"}
+    assert "| paft_ties |" in out["table"]
+
+
+def test_sft_and_alignment_overlap_in_time(flow_run):
+    t = flow_run[0]["timings"]
+    assert t["sft"]["start"] < t["align"]["end"] and t["align"]["start"] < t["sft"]["end"], t
+
+
+def test_merged_models_load_and_differ_from_base(flow_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out, params = flow_run
+    from pathlib import Path
+
+    run_dir = Path(out["run_dir"])
+    base = AutoModelForCausalLM.from_pretrained(next((Path(params.path(params.paths.cache_dir))).glob("base-*")))
+    for method in ("ties", "task_arithmetic"):
+        merged = AutoModelForCausalLM.from_pretrained(run_dir / f"merged_{method}")
+        w0 = base.model.layers[0].self_attn.q_proj.weight
+        w1 = merged.model.layers[0].self_attn.q_proj.weight
+        assert w0.shape == w1.shape and not torch.equal(w0, w1)
+    assert (run_dir / "sft" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "align" / "summary.json").is_file()
+    assert (run_dir / "rec" / "model.safetensors").is_file()
+
+
+def test_mlflow_holds_parent_children_tags_metrics_and_registry(flow_run):
+    out, params = flow_run
+    client = MlflowClient(params.tracking_uri, registry_uri=params.tracking_uri)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["data_version"] == out["data_version"]
+    assert parent.data.tags["git_commit"] and parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.params["train.sft.max_steps"] == "6"
+    assert "paft_ties/task_em" in parent.data.metrics
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = {r.info.run_name for r in children}
+    assert names == {"prepare", "base_model", "train_sft", "train_align", "merge_ties", "merge_task_arithmetic",
+                     "train_rec", "evaluate"}
+    sft = next(r for r in children if r.info.run_name == "train_sft")
+    assert len(client.get_metric_history(sft.info.run_id, "train/loss")) >= 2  # the loss curve
+    assert any(a.path == "adapter" for a in client.list_artifacts(sft.info.run_id))
+    for name in (params.tracking.model_name, params.tracking.rec_model_name):
+        mv = client.get_model_version_by_alias(name, "champion")
+        assert int(mv.version) == 1 and mv.tags["data_version"] == out["data_version"]

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from paft.config import load_params
+from paft.data.prepare import prepare
+from paft.evaluate import metrics as M
+from paft.models import build_tiny, ensure_base, load_model, train_tokenizer
+from tests.conftest import write_params
+
+TEXTS = ["The capital of Zorvia is mibba.", "Items: apple, kiwi, plum. The first item is apple."] * 20
+
+
+def test_local_tokenizer_round_trips_and_has_special_tokens():
+    tok = train_tokenizer(TEXTS, 300)
+    ids = tok("The capital of Zorvia is mibba.", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "The capital of Zorvia is mibba."
+    assert tok.eos_token == "</s>" and tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
+
+
+@pytest.mark.slow
+def test_tiny_base_is_pretrained_cached_and_loadable(tmp_path):
+    params = load_params(write_params(tmp_path))
+    data = prepare(params)
+    first = ensure_base(params, data["path"])
+    assert not first["cached"] and first["pretrain_loss_last"] < first["pretrain_loss_first"]
+    again = ensure_base(params, data["path"])
+    assert again["cached"] and again["path"] == first["path"]
+    tok, model = load_model(first["path"])
+    assert model.config.model_type == "llama" and len(tok) == model.config.vocab_size
+    changed = load_params(write_params(tmp_path, {"model": {"tiny": {"pretrain_steps": 21}}}))
+    assert ensure_base(changed, data["path"])["path"] != first["path"]  # cache keyed by the config
+
+
+def test_completion_logprobs_match_a_direct_computation():
+    tok = train_tokenizer(TEXTS, 300)
+    params = load_params(write_params(__import__("pathlib").Path("/tmp")), [])
+    model = build_tiny(params.model.tiny, tok, seed=1)
+    prompt, completion = "The capital of Zorvia is", " mibba."
+    (score,) = M.completion_logprobs(model, tok, [prompt], [completion])
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+    direct = sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(c))
+    assert score == pytest.approx(direct, abs=1e-4)
+    # batching with padding gives the same scores
+    scores = M.completion_logprobs(model, tok, [prompt, "Items: apple, kiwi."], [completion, " The first item is apple."], batch_size=2)
+    assert scores[0] == pytest.approx(direct, abs=1e-4)
+
+
+def test_task_metrics_exact_match_and_style():
+    rows = [{"answer": "mibba", "family": "lookup"}, {"answer": "kiwi", "family": "first"}, {"answer": "a and b", "family": "pair"}]
+    gens = ["Glad to help! Answer: mibba.", "Answer: plum.", "Answer: a and b. More text"]
+    m = M.task_metrics(gens, rows)
+    assert m["task_em"] == pytest.approx(2 / 3) and m["task_em_first"] == 0 and m["task_em_lookup"] == 1
+    assert m["style_rate"] == pytest.approx(1 / 3)
+    assert M.extract_answer("The answer is none") is None
