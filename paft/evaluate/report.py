@@ -12,7 +12,7 @@ REC_COLUMNS = ("rec_parse_rate", "rec_rating_accuracy", "rec_rating_within1", "c
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return f"{float(v):.3f}" if isinstance(v, int | float) and not isinstance(v, bool) else str(v)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
