@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 
 def _params(args):
@@ -16,9 +17,13 @@ def _params(args):
 
 def cmd_run(args) -> int:
     _params(args)  # validate before Prefect starts: a bad value costs nothing
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
     from flows.paft import paft
+
+    hf_logging.disable_progress_bar()  # Prefect's task-state lines are the progress report
 
     out = paft(params_path=args.params, overrides=args.overrides)
     print(f"\nMLflow parent run: {out['parent_run_id']}   data version: {out['data_version']}")

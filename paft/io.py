@@ -14,22 +14,26 @@ from pathlib import Path
 from paft.errors import DataError
 
 
+def parse_jsonl(lines: Iterable[str], path: str | Path) -> list[dict]:
+    """JSON objects, one per line (blank lines skipped); a malformed line raises DataError naming ``file:line``."""
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file; a malformed line raises DataError naming ``file:line``."""
-    path = Path(path)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    with Path(path).open(encoding="utf-8") as f:
+        return parse_jsonl(f, path)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:

@@ -147,6 +147,19 @@ def ensure_base(params: Params, data_dir: str | Path) -> dict:
     return {"path": str(out), "cached": False, **summary}
 
 
+def local_path(name_or_path: str) -> Path:
+    """A local folder for a model: the path itself, or the hub snapshot of an id (downloaded if needed)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown id, gated model
+        msg = (str(e).splitlines() or [""])[0]
+        raise PaftError(f"model {name_or_path!r}: not a local folder and not downloadable ({type(e).__name__}: {msg})") from None
+
+
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
     """Tokenizer + causal LM from a folder or hub id (safetensors only; remote code only when allowed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -69,6 +69,7 @@ def train_rec(params: Params, start_from: str, data: dict, run_dir: str, parent_
 def merge(params: Params, base: dict, sft: dict, align: dict, run_dir: str, parent_id: str) -> dict[str, dict]:
     """Every configured merge method → a model folder each; returns {method: {path, run_id, ...}}."""
     from paft.merge import MergeInput, merge_models
+    from paft.models import local_path
 
     cfg = params.merge
     inputs = [
@@ -79,7 +80,7 @@ def merge(params: Params, base: dict, sft: dict, align: dict, run_dir: str, pare
     for method in cfg.methods:
         with stage_run(params, parent_id, f"merge_{method}") as (tracker, run_id):
             path = Path(run_dir) / f"merged_{method}"
-            summary = merge_models(base["path"], inputs, method, path, lambda_=cfg.lambda_, seed=params.seed)
+            summary = merge_models(local_path(base["path"]), inputs, method, path, lambda_=cfg.lambda_, seed=params.seed)
             tracker.log_params(run_id, {"method": method, "density": cfg.density, "lambda": cfg.lambda_,
                                         "sft_weight": cfg.sft_weight, "align_weight": cfg.align_weight})
             tracker.log_artifacts(run_id, path, "model")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from paft.errors import DataError
-from paft.io import read_jsonl
+from paft.io import parse_jsonl, read_jsonl
 
 ROLES = ("sft", "preference")
 _TEXT_FIELDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected")}
@@ -249,29 +249,13 @@ def _lookup(format: str) -> tuple[str, Converter]:
 
 
 # ----------------------------------------------------------------------------- reading files
-def _parse_json_lines(lines: Iterable[str], path: Path) -> list[dict]:
-    """Same rules and messages as paft.io.read_jsonl, for any iterable of lines."""
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
 def _parse_json(text: str, path: Path) -> list[dict]:
     """A JSON list of objects, or JSON lines in a file named .json (detected)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # more than one top-level value: JSON lines
-            return _parse_json_lines(text.splitlines(), path)
+            return parse_jsonl(text.splitlines(), path)
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and "\n" not in text.strip():
         data = [data]  # a JSON-lines file of one line
@@ -305,7 +289,7 @@ def read_rows(path: str | Path) -> list[dict]:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     text = text.removeprefix("\ufeff")
     if stem.endswith(".jsonl"):
-        return _parse_json_lines(text.splitlines(), path)
+        return parse_jsonl(text.splitlines(), path)
     return _parse_json(text, path)
 
 
