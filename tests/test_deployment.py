@@ -101,6 +101,6 @@ def test_deployment_has_an_inactive_weekly_schedule():
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (full,) = [d for d in spec["deployments"] if d["name"] == "full"]
-    assert full["entrypoint"] == "flows/paft.py:paft"
+    assert full["entrypoint"] == "flows.paft:paft"
     (schedule,) = full["schedules"]
     assert schedule["active"] is False and len(schedule["cron"].split()) == 5
