@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from paft.io import read_json, write_json
@@ -22,7 +22,6 @@ class Job:
     threads: int | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         write_json(path, asdict(self))
