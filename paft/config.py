@@ -111,19 +111,48 @@ class TrainConfig(Section):
     max_length: PosInt = 256
     warmup_steps: Annotated[int, Field(ge=0)] = 10
     logging_steps: PosInt = 10
+    save_steps: PosInt = 50  # checkpoint every N optimizer steps; a rerun of a killed job resumes from the last one
+    finetune: Literal["lora", "full"] = "lora"
     lora: LoraConfig = LoraConfig()
+    packing: bool = False  # SFT only: pack examples into rows of max_length (no padding)
+    padding_free: bool = False  # flatten the batch, no padding tokens (needs flash attention on GPU)
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None  # a DeepSpeed JSON config (e.g. infra/deepspeed/zero2.json), passed to the trainer
+    # what to do with bad training rows (missing field, empty text, chosen == rejected, too long):
+    # "error" stops with the file and row; "drop" drops them and counts each reason in summary.json
+    bad_rows: Literal["error", "drop"] = "error"
+
+
+class L1Config(Section):
+    """L1 penalty that makes the SFT delta sparse (PAFT)."""
+
+    weight: Annotated[float, Field(ge=0)] = 0.0  # the paper's lambda; 0 turns the penalty off
+    # "delta": |B·A·scale| summed over entries (the delta that is merged); "factors": |A| + |B|
+    target: Literal["delta", "factors"] = "delta"
+
+
+class SFTConfig(TrainConfig):
+    l1: L1Config = L1Config()
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 
 
 class AlignConfig(TrainConfig):
-    method: Literal["dpo"] = "dpo"
+    method: Literal["dpo", "orpo"] = "dpo"
     beta: PosFloat = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    loss_type: Literal[DPO_LOSSES] = "sigmoid"  # DPO's loss (TRL loss types: sigmoid = DPO, ipo, hinge = SLiC, robust ...)
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # for robust / cDPO
+    precompute_ref_log_probs: bool = False  # DPO: one pass of the reference first, then no reference forward per step
     lr: PosFloat = 5e-4
 
 
 class TrainSection(Section):
-    sft: TrainConfig = TrainConfig()
+    sft: SFTConfig = SFTConfig()
     align: AlignConfig = AlignConfig()
+    # also train the baseline PAFT replaces: SFT, then alignment starting from the SFT model
+    sequential: bool = True
 
 
 # ----------------------------------------------------------------------------- merge
@@ -168,6 +197,8 @@ class EvaluateConfig(Section):
 # ----------------------------------------------------------------------------- infrastructure
 class ResourcesConfig(Section):
     cpu_threads: PosInt | None = None  # torch threads per training job; default: cores / 2 (the two jobs run at once)
+    gpus_per_job: Annotated[int, Field(ge=0)] = 0  # > 1: the job is launched with `accelerate launch` on that many GPUs
+    accelerate_config: str | None = None  # e.g. infra/accelerate/multi_gpu.yaml
     python: str | None = None  # interpreter for training subprocesses; default: the current one
 
 

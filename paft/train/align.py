@@ -27,7 +27,13 @@ def train_align(job: Job, out: Path) -> dict:
         for r in read_jsonl(job.data)
     ]
     cfg = job.cfg
-    args = DPOConfig(**trainer_args(job, out / "_trainer"), beta=cfg["beta"], loss_type=[cfg["loss_type"]])
+    args = DPOConfig(
+        **trainer_args(job, out / "_trainer"),
+        beta=cfg["beta"],
+        loss_type=[cfg["loss_type"]],
+        label_smoothing=cfg["label_smoothing"],
+        precompute_ref_log_probs=cfg["precompute_ref_log_probs"],
+    )
     trainer = DPOTrainer(
         model=model,
         ref_model=None,

@@ -65,6 +65,9 @@ def trainer_args(job: Job, output_dir: Path) -> dict:
         disable_tqdm=True,
         bf16=job.dtype == "bfloat16",
         fp16=job.dtype == "float16",
+        padding_free=cfg["padding_free"],
+        gradient_checkpointing=cfg["gradient_checkpointing"],
+        deepspeed=cfg["deepspeed"],
     )
 
 

@@ -28,7 +28,7 @@ def train_sft(job: Job, out: Path) -> dict:
     started = time.time()
     tokenizer, model = load_model(job.base, job.dtype, job.trust_remote_code)
     rows = sft_rows(job)
-    args = SFTConfig(**trainer_args(job, out / "_trainer"), completion_only_loss=True)
+    args = SFTConfig(**trainer_args(job, out / "_trainer"), completion_only_loss=True, packing=job.cfg["packing"])
     trainer = SFTTrainer(
         model=model,
         args=args,
