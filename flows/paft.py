@@ -10,6 +10,7 @@ from prefect import flow, runtime
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from paft.config import load_params
+from paft.evaluate.candidates import candidate
 from paft.tracking import Tracker, git_commit
 from tasks import stages
 
@@ -36,14 +37,17 @@ def paft(params_path: str = "params.yaml", overrides: list[str] | None = None) -
         # the PAFT fan-out: SFT and alignment train at the same time, from the same base
         sft_f = stages.train_sft.submit(params, base, data, str(run_dir), parent)
         align_f = stages.train_align.submit(params, base, data, str(run_dir), parent)
+        # the baseline PAFT replaces: alignment after SFT, from the SFT model (starts when SFT ends)
+        seq_f = stages.train_sequential.submit(params, base, sft_f, data, str(run_dir), parent) if params.train.sequential else None
         sft, align = sft_f.result(), align_f.result()
         merged = stages.merge(params, base, sft, align, str(run_dir), parent)
         rec_start = merged[params.merge.methods[0]]["path"] if params.rec.base == "merged" else base["path"]
         rec = stages.train_rec(params, rec_start, data, str(run_dir), parent)
         candidates = [
             {"name": "base", "path": base["path"]},
-            {"name": "sft", "path": base["path"], "adapter": sft["path"]},
-            {"name": "align", "path": base["path"], "adapter": align["path"]},
+            candidate("sft", base["path"], sft["path"]),
+            candidate("align", base["path"], align["path"]),
+            *([candidate("sequential", seq_f.result()["start_model"], seq_f.result()["path"])] if seq_f else []),
             *({"name": f"paft_{m}", "path": v["path"]} for m, v in merged.items()),
         ]
         results = stages.evaluate(params, candidates, rec, data, str(run_dir), parent)

@@ -52,6 +52,24 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_sparsity(args) -> int:
+    from pathlib import Path
+
+    from paft.errors import PaftError
+    from paft.train.sparsity import format_table, sparsity_report
+
+    names = args.names or [Path(d).resolve().name for d in args.deltas]
+    if len(names) != len(args.deltas):
+        raise PaftError(f"--names gives {len(names)} names for {len(args.deltas)} delta folders")
+    if len(set(names)) != len(names):
+        raise PaftError(f"input names must be unique, got {names} (pass --names)")
+    report = sparsity_report(args.base, dict(zip(names, args.deltas)), args.out,
+                             eps_abs=args.eps_abs, eps_rel=args.eps_rel)
+    print(format_table(report))
+    print(f"\nOutputs: {report['out_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paft", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lambda", dest="lambda_", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_merge)
+    sp = sub.add_parser("sparsity", help="sparsity of fine-tuning deltas (adapters / fine-tuned models) vs a base")
+    sp.add_argument("base")
+    sp.add_argument("deltas", nargs="+", metavar="DELTA")
+    sp.add_argument("--names", nargs="+", help="one name per DELTA (default: each folder's name)")
+    sp.add_argument("--out", default="sparsity", help="output folder (default: ./sparsity)")
+    sp.add_argument("--eps-abs", type=float, default=1e-5, help="absolute threshold on |delta| (default: 1e-5)")
+    sp.add_argument("--eps-rel", type=float, default=1e-3,
+                    help="relative threshold: |delta| <= eps_rel * mean|base tensor| (default: 1e-3)")
+    sp.set_defaults(fn=cmd_sparsity)
     return p
 
 

@@ -131,7 +131,7 @@ class L1Config(Section):
     target: Literal["delta", "factors"] = "delta"
 
 
-class SFTConfig(TrainConfig):
+class SFTTrainConfig(TrainConfig):
     l1: L1Config = L1Config()
 
 
@@ -149,7 +149,7 @@ class AlignConfig(TrainConfig):
 
 
 class TrainSection(Section):
-    sft: SFTConfig = SFTConfig()
+    sft: SFTTrainConfig = SFTTrainConfig()
     align: AlignConfig = AlignConfig()
     # also train the baseline PAFT replaces: SFT, then alignment starting from the SFT model
     sequential: bool = True

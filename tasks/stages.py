@@ -36,15 +36,16 @@ def base_model(params: Params, data: dict, parent_id: str) -> dict:
     return result
 
 
-def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, parent_id: str) -> dict:
+def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, parent_id: str, name: str | None = None) -> dict:
     from paft.train.launch import launch, training_job
 
-    with stage_run(params, parent_id, f"train_{kind}") as (tracker, run_id):
+    with stage_run(params, parent_id, name or f"train_{kind}") as (tracker, run_id):
         job = training_job(kind, params, base, data_file, out)
         tracker.log_params(run_id, {f"cfg.{k}": v for k, v in job.cfg.items()} | {"base": base})
         summary = launch(job, params.resources.python)
         tracker.log_history(run_id, summary.pop("log_history", []))
         tracker.log_metrics(run_id, {k: v for k, v in summary.items() if k not in ("start", "end", "pid")})
+        tracker.log_metrics(run_id, {f"dropped_{k}": v for k, v in summary.get("dropped", {}).items()})
         tracker.log_params(run_id, {"start": summary["start"], "end": summary["end"]})
         tracker.log_artifacts(run_id, out, "model" if kind == "rec" else "adapter")
     return {"path": str(out), "run_id": run_id, **summary}
@@ -58,6 +59,18 @@ def train_sft(params: Params, base: dict, data: dict, run_dir: str, parent_id: s
 @task(name="train_align", cache_policy=NO_CACHE)
 def train_align(params: Params, base: dict, data: dict, run_dir: str, parent_id: str) -> dict:
     return _train("align", params, base["path"], Path(data["path"]) / "preference.jsonl", Path(run_dir) / "align", parent_id)
+
+
+@task(name="train_sequential", cache_policy=NO_CACHE)
+def train_sequential(params: Params, base: dict, sft: dict, data: dict, run_dir: str, parent_id: str) -> dict:
+    """The baseline PAFT replaces: alignment starting from the SFT model."""
+    from paft.train.export import model_folder
+
+    m = params.model
+    start = model_folder(base["path"], sft["path"], Path(run_dir) / "sft_model", m.dtype, m.trust_remote_code)
+    out = _train("align", params, start, Path(data["path"]) / "preference.jsonl", Path(run_dir) / "sequential", parent_id,
+                 name="train_sequential")
+    return {**out, "start_model": start}
 
 
 @task(name="train_rec", cache_policy=NO_CACHE)

@@ -21,8 +21,8 @@ def flow_run(tmp_path_factory, prefect_harness):
 
 def test_flow_runs_every_stage_and_reports_every_candidate(flow_run):
     out, params = flow_run
-    assert set(out["results"]) == {"base", "sft", "align", "paft_ties", "paft_task_arithmetic", "rec"}
-    for name in ("base", "sft", "align", "paft_ties", "paft_task_arithmetic"):
+    assert set(out["results"]) == {"base", "sft", "align", "sequential", "paft_ties", "paft_task_arithmetic", "rec"}
+    for name in ("base", "sft", "align", "sequential", "paft_ties", "paft_task_arithmetic"):
         row = out["results"][name]
         assert 0 <= row["task_em"] <= 1 and 0 <= row["pref_accuracy"] <= 1
         assert "rec_faithfulness_parse_rate" in row
@@ -52,6 +52,10 @@ def test_merged_models_load_and_differ_from_base(flow_run):
     assert (run_dir / "sft" / "adapter_model.safetensors").is_file()
     assert (run_dir / "align" / "summary.json").is_file()
     assert (run_dir / "rec" / "model.safetensors").is_file()
+    assert not list(run_dir.glob("*.checkpoints"))  # removed once the outputs are whole
+    # the sequential baseline starts from the SFT model, not from the base
+    seq = __import__("json").loads((run_dir / "sequential.job.json").read_text())
+    assert seq["base"] == str(run_dir / "sft_model") and (run_dir / "sequential" / "adapter_config.json").is_file()
 
 
 def test_mlflow_holds_parent_children_tags_metrics_and_registry(flow_run):
@@ -67,7 +71,7 @@ def test_mlflow_holds_parent_children_tags_metrics_and_registry(flow_run):
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {r.info.run_name for r in children}
     assert names == {"prepare", "base_model", "train_sft", "train_align", "merge_ties", "merge_task_arithmetic",
-                     "train_rec", "evaluate"}
+                     "train_rec", "train_sequential", "evaluate"}
     sft = next(r for r in children if r.info.run_name == "train_sft")
     assert len(client.get_metric_history(sft.info.run_id, "train/loss")) >= 2  # the loss curve
     assert any(a.path == "adapter" for a in client.list_artifacts(sft.info.run_id))

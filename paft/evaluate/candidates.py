@@ -11,6 +11,13 @@ from paft.evaluate import metrics as M
 from paft.io import atomic_dir, read_jsonl, write_json, write_jsonl
 
 
+def candidate(name: str, base: str, trained: str) -> dict:
+    """A candidate from a training output: a LoRA adapter on ``base``, or a full model folder."""
+    from paft.train.export import is_adapter
+
+    return {"name": name, "path": base, "adapter": trained} if is_adapter(trained) else {"name": name, "path": trained}
+
+
 def load_candidate(params: Params, candidate: dict):
     """(tokenizer, model) of a candidate: a model folder / id, optionally with a LoRA adapter folded in."""
     from paft.models import load_model

@@ -8,7 +8,6 @@ non-zero with one line on stderr when it fails. Each job is its own process so t
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from pathlib import Path
 def run(job_path: str) -> int:
     from paft.errors import PaftError
     from paft.io import atomic_dir, write_json
-    from paft.train.common import Job
+    from paft.train.common import Job, finish
 
     job = Job.load(job_path)
     if job.threads:
@@ -30,12 +29,12 @@ def run(job_path: str) -> int:
     try:
         with atomic_dir(job.out) as tmp:
             summary = fn(job, tmp)
-            shutil.rmtree(tmp / "_trainer", ignore_errors=True)
-            if job.kind == "rec":  # REC is served as a whole model: fold the adapter in
+            if job.kind == "rec" and job.cfg["finetune"] == "lora":  # REC is served as a whole model: fold the adapter in
                 from paft.train.export import merge_adapter
 
                 merge_adapter(job.base, tmp, job.dtype, job.trust_remote_code)
             write_json(tmp / "summary.json", {"kind": job.kind, "pid": os.getpid(), **summary})
+        finish(job)
     except PaftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

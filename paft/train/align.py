@@ -1,7 +1,7 @@
-"""Preference alignment with TRL's DPOTrainer and LoRA.
+"""Preference alignment with TRL: DPO (any of TRL's loss types) or ORPO, LoRA or full.
 
-The reference model is the base with the adapter disabled (``ref_model=None`` with a peft
-config), so there is no second copy of the weights in memory.
+With LoRA the DPO reference model is the base with the adapter disabled (``ref_model=None`` with a
+peft config), so there is no second copy of the weights in memory. ORPO needs no reference.
 """
 
 from __future__ import annotations
@@ -11,40 +11,44 @@ from pathlib import Path
 
 from paft.data.formats import format_prompt
 from paft.io import read_jsonl
-from paft.train.common import Job, lora_config, train_summary, trainer_args
+from paft.train.common import Job, make_config, peft_config, train_and_save, train_summary, trainer_args
+from paft.train.rows import check_rows
 
 
-def train_align(job: Job, out: Path) -> dict:
-    from datasets import Dataset
+def _trainer(job: Job, model, tokenizer, dataset):
+    cfg = job.cfg
+    common = dict(model=model, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config(cfg))
+    if cfg["method"] == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer(args=make_config(ORPOConfig, **trainer_args(job), beta=cfg["beta"]), **common)
     from trl import DPOConfig, DPOTrainer
 
-    from paft.models import load_model
-
-    started = time.time()
-    tokenizer, model = load_model(job.base, job.dtype, job.trust_remote_code)
-    rows = [
-        {"prompt": format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
-        for r in read_jsonl(job.data)
-    ]
-    cfg = job.cfg
-    args = DPOConfig(
-        **trainer_args(job, out / "_trainer"),
+    args = make_config(
+        DPOConfig,
+        **trainer_args(job),
         beta=cfg["beta"],
         loss_type=[cfg["loss_type"]],
         label_smoothing=cfg["label_smoothing"],
         precompute_ref_log_probs=cfg["precompute_ref_log_probs"],
     )
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
-    )
-    trainer.train()
-    trainer.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    return DPOTrainer(ref_model=None, args=args, **common)
+
+
+def train_align(job: Job, out: Path) -> dict:
+    from datasets import Dataset
+
+    from paft.models import load_model
+
+    started = time.time()
+    cfg = job.cfg
+    tokenizer, model = load_model(job.base, job.dtype, job.trust_remote_code)
+    raw = [{**r, "prompt": format_prompt(r["prompt"])} if isinstance(r.get("prompt"), str) else r for r in read_jsonl(job.data)]
+    rows, dropped = check_rows("preference", raw, job.data, tokenizer, cfg["max_length"], cfg["bad_rows"])
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    trainer = _trainer(job, model, tokenizer, dataset)
+    resumed = train_and_save(trainer, tokenizer, job, out)
     rewards = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
     extra = {"reward_accuracy_last": rewards[-1]["rewards/accuracies"]} if rewards else {}
-    return train_summary(trainer, started, rows=len(rows), method=cfg["method"], **extra)
+    return train_summary(trainer, started, rows=len(rows), dropped=dropped, resumed_from=resumed,
+                         method=cfg["method"], loss_type=cfg["loss_type"], finetune=cfg["finetune"], **extra)

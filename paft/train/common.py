@@ -1,11 +1,14 @@
-"""What SFT, alignment and REC training share: the job file, the LoRA config, trainer arguments, summaries."""
+"""What SFT, alignment and REC training share: the job file, the PEFT config, trainer arguments,
+checkpoints and resume, summaries."""
 
 from __future__ import annotations
 
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from paft.errors import PaftError
 from paft.io import read_json, write_json
 
 
@@ -17,7 +20,7 @@ class Job:
     base: str  # model folder or hub id
     data: str  # JSONL file of training rows
     out: str  # output folder (written whole, atomically)
-    cfg: dict  # the stage's config section (TrainConfig / AlignConfig / RecConfig as a dict)
+    cfg: dict  # the stage's config section (SFTConfig / AlignConfig / RecConfig as a dict)
     seed: int = 0
     threads: int | None = None
     dtype: str = "float32"
@@ -30,8 +33,17 @@ class Job:
     def load(cls, path: str | Path) -> "Job":
         return cls(**read_json(path))
 
+    @property
+    def checkpoints(self) -> Path:
+        """Checkpoints live beside the output (not inside its temporary folder), so a rerun finds them."""
+        out = Path(self.out)
+        return out.parent / f"{out.name}.checkpoints"
 
-def lora_config(cfg: dict):
+
+def peft_config(cfg: dict):
+    """A LoRA config, or None for full fine-tuning."""
+    if cfg["finetune"] == "full":
+        return None
     from peft import LoraConfig
 
     lora = cfg["lora"]
@@ -44,11 +56,11 @@ def lora_config(cfg: dict):
     )
 
 
-def trainer_args(job: Job, output_dir: Path) -> dict:
-    """Arguments common to TRL's SFTConfig and DPOConfig."""
+def trainer_args(job: Job) -> dict:
+    """Arguments common to TRL's SFTConfig, DPOConfig and ORPOConfig."""
     cfg = job.cfg
     return dict(
-        output_dir=str(output_dir),
+        output_dir=str(job.checkpoints),
         max_steps=cfg["max_steps"],
         learning_rate=cfg["lr"],
         per_device_train_batch_size=cfg["batch_size"],
@@ -57,7 +69,9 @@ def trainer_args(job: Job, output_dir: Path) -> dict:
         lr_scheduler_type="cosine",
         logging_steps=cfg["logging_steps"],
         max_length=cfg["max_length"],
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=cfg["save_steps"],
+        save_total_limit=2,
         report_to="none",
         seed=job.seed,
         data_seed=job.seed,
@@ -69,6 +83,34 @@ def trainer_args(job: Job, output_dir: Path) -> dict:
         gradient_checkpointing=cfg["gradient_checkpointing"],
         deepspeed=cfg["deepspeed"],
     )
+
+
+def make_config(config_cls, **kwargs):
+    """``config_cls(**kwargs)``, leaving out options the trainer lacks when they are off; an option that is
+    on but unsupported is an error (never silently ignored)."""
+    known = {f.name for f in fields(config_cls)}
+    for k in [k for k in kwargs if k not in known]:
+        if kwargs[k]:
+            raise PaftError(f"{config_cls.__name__} has no option {k!r} (set it off for this trainer)")
+        del kwargs[k]
+    return config_cls(**kwargs)
+
+
+def train_and_save(trainer, tokenizer, job: Job, out: Path) -> str | None:
+    """Train (resuming from the last checkpoint if a killed run left one) and save model/adapter in ``out``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = get_last_checkpoint(str(job.checkpoints)) if job.checkpoints.is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out))
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the job file records the arguments
+    tokenizer.save_pretrained(out)
+    return Path(resume).name if resume else None
+
+
+def finish(job: Job) -> None:
+    """The output is whole: the checkpoints are no longer needed."""
+    shutil.rmtree(job.checkpoints, ignore_errors=True)
 
 
 def train_summary(trainer, started: float, **extra) -> dict:

@@ -22,3 +22,21 @@ def merge_adapter(base: str, folder: Path, dtype: str = "float32", trust_remote_
         (folder / name).unlink(missing_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def model_folder(base: str, trained: str | Path, out: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> str:
+    """A standalone model folder for a training output: itself if it is a full model, else base + adapter
+    folded into ``out`` (written whole)."""
+    from paft.io import atomic_dir
+
+    if not is_adapter(trained):
+        return str(trained)
+    tokenizer, model = merged_model(base, trained, dtype, trust_remote_code)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return str(out)

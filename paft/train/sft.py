@@ -1,4 +1,5 @@
-"""Supervised fine-tuning with TRL's SFTTrainer and LoRA (completion-only loss on prompt/completion pairs)."""
+"""Supervised fine-tuning with TRL's SFTTrainer: LoRA or full, completion-only loss, optional packing,
+optional L1 penalty on the delta (paft/train/l1.py)."""
 
 from __future__ import annotations
 
@@ -7,36 +8,44 @@ from pathlib import Path
 
 from paft.data.formats import format_prompt
 from paft.io import read_jsonl
-from paft.train.common import Job, lora_config, train_summary, trainer_args
+from paft.train.common import Job, make_config, peft_config, train_and_save, train_summary, trainer_args
+from paft.train.rows import check_rows
 
 
 def sft_rows(job: Job) -> list[dict]:
+    rows = read_jsonl(job.data)
     if job.kind == "rec":
         from paft.rec.prompts import rec_training_row
 
-        return [rec_training_row(r, job.cfg["scale_min"], job.cfg["scale_max"]) for r in read_jsonl(job.data)]
-    return [{"prompt": format_prompt(r["prompt"]), "completion": r["completion"]} for r in read_jsonl(job.data)]
+        return [rec_training_row(r, job.cfg["scale_min"], job.cfg["scale_max"]) for r in rows]
+    return [{**r, "prompt": format_prompt(r["prompt"])} if isinstance(r.get("prompt"), str) else r for r in rows]
 
 
 def train_sft(job: Job, out: Path) -> dict:
-    """Train a LoRA adapter on ``job.data`` and save it in ``out``; returns the summary."""
+    """Train on ``job.data`` and save the adapter (or the full model) in ``out``; returns the summary."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from paft.models import load_model
+    from paft.train.l1 import l1_trainer_class
 
     started = time.time()
+    cfg = job.cfg
     tokenizer, model = load_model(job.base, job.dtype, job.trust_remote_code)
-    rows = sft_rows(job)
-    args = SFTConfig(**trainer_args(job, out / "_trainer"), completion_only_loss=True, packing=job.cfg["packing"])
-    trainer = SFTTrainer(
+    rows, dropped = check_rows("sft", sft_rows(job), job.data, tokenizer, cfg["max_length"], cfg["bad_rows"])
+    args = make_config(SFTConfig, **trainer_args(job), completion_only_loss=True, packing=cfg["packing"])
+    l1 = cfg.get("l1") or {"weight": 0.0}
+    trainer_cls, extra = SFTTrainer, {}
+    if l1["weight"] > 0:
+        trainer_cls, extra = l1_trainer_class(SFTTrainer), {"l1_weight": l1["weight"], "l1_target": l1["target"]}
+    trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
         processing_class=tokenizer,
-        peft_config=lora_config(job.cfg),
+        peft_config=peft_config(cfg),
+        **extra,
     )
-    trainer.train()
-    trainer.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return train_summary(trainer, started, rows=len(rows))
+    resumed = train_and_save(trainer, tokenizer, job, out)
+    return train_summary(trainer, started, rows=len(rows), dropped=dropped, resumed_from=resumed,
+                         finetune=cfg["finetune"], l1=l1)

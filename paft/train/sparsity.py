@@ -1,0 +1,416 @@
+"""How sparse are fine-tuning deltas? (PAFT: DPO deltas are naturally sparse, SFT deltas dense; L1 sparsifies SFT.)
+
+For each named input (a peft LoRA adapter folder or a full fine-tuned model folder, both from the same
+base) the delta ``δ`` of every tensor it changes (LoRA: ``B·A·scale``; full model: ``tuned - base``; see
+:mod:`paft.merge.deltas`) is measured against two thresholds:
+
+* absolute: ``|δ| <= eps_abs``;
+* relative: ``|δ| <= eps_rel * scale``, where ``scale`` is the mean absolute value of the corresponding
+  **base** weight tensor (``mean(|W_base|)``, one number per tensor). It puts a change in proportion to
+  the size of the weights it changes: an RMSNorm weight (around 1) and a projection (around 0.02) get
+  thresholds that differ by the same factor. A base tensor that is all zeros has ``scale = 0``, so
+  there the relative test counts exact zeros only.
+
+Per tensor (module) and overall the report gives the number of entries, the share of entries under each
+threshold, mean / max ``|δ|``, and the L1 and L2 norms of ``δ``. **Overall figures are entry-weighted over
+the tensors that have a delta**: a LoRA adapter is measured on the modules it targets only (a full model
+on every tensor); ``coverage`` says what share of the base's entries that is. Non-finite delta entries
+are counted (``nonfinite``) and left out of the norms, the mean and the max.
+
+Memory stays bounded by one tensor: the deltas are computed one tensor at a time from memory-mapped
+safetensors (the base and full models) and the LoRA factors, never all at once. The histograms use a
+random sample (fixed seed) of at most about ``HIST_SAMPLE`` entries per input, drawn from every tensor in
+proportion to its size.
+
+Output folder (written atomically): ``sparsity.json`` (the report), ``hist_<name>.png`` per input
+(``log10(|δ| + TINY)``, vertical line at ``eps_abs``), ``hist_all.png`` (all inputs overlaid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paft.errors import PaftError
+from paft.io import atomic_dir, read_json, write_json
+from paft.merge.deltas import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    _LORA_PARTS,
+    _scale,
+    is_adapter,
+    missing_in_base,
+    weight_files,
+)
+
+REPORT_FILE = "sparsity.json"
+HIST_SAMPLE = 2_000_000  # entries per input drawn for the histograms (about; each tensor gets its share)
+TINY = 1e-12  # added before log10: exact zeros land at log10(TINY) = -12
+SEED = 0
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+DEFINITIONS = {
+    "share_abs": "share of entries with |delta| <= eps_abs",
+    "share_rel": "share of entries with |delta| <= eps_rel * scale",
+    "scale": "mean |W| of the corresponding base weight tensor (one number per tensor)",
+    "mean_abs": "mean |delta| over the finite entries",
+    "max_abs": "max |delta| over the finite entries",
+    "l1": "sum |delta| (finite entries)",
+    "l2": "sqrt(sum delta^2) (finite entries)",
+    "overall": "entry-weighted over the tensors that have a delta (a LoRA adapter: its target modules only)",
+    "coverage": "entries with a delta / entries of the base",
+    "histograms": f"log10(|delta| + {TINY:g}) over a random sample of at most ~{HIST_SAMPLE} entries per input",
+}
+
+
+# ----------------------------------------------------------------------------- lazy tensors
+class _Folder:
+    """The tensors of a safetensors model folder, memory-mapped, read one at a time."""
+
+    def __init__(self, model_dir: Path, stack: contextlib.ExitStack):
+        from safetensors import safe_open
+
+        self.dir = model_dir
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        for fname, names in weight_files(model_dir).items():
+            path = model_dir / fname
+            if not path.is_file():
+                raise PaftError(f"{model_dir}: weight file {fname} listed in the index is missing")
+            self._handles[fname] = stack.enter_context(safe_open(str(path), framework="pt"))
+            for name in names:
+                self._where[name] = fname
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+@dataclass
+class _Item:
+    name: str  # base weight name
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]  # the float32 delta
+
+
+def _full_items(base: _Folder, tuned: _Folder) -> list[_Item]:
+    items = []
+    for name in tuned.names():
+        items.append(_Item(name, tuned.shape(name), lambda n=name: tuned.get(n).float() - base.get(n).float()))
+    return items
+
+
+def _adapter_items(base: _Folder, adapter_dir: Path, stack: contextlib.ExitStack) -> list[_Item]:
+    """The deltas of a LoRA adapter, as :func:`paft.merge.deltas.lora_deltas` computes them, one at a time."""
+    from safetensors import safe_open
+
+    cfg = read_json(adapter_dir / ADAPTER_CONFIG)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise PaftError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for key in ("use_dora", "target_parameters", "trainable_token_indices", "layer_replication"):
+        if cfg.get(key):
+            raise PaftError(f"{adapter_dir}: adapter_config {key}={cfg[key]!r} is not supported")
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise PaftError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    f = stack.enter_context(safe_open(str(weights_path), framework="pt"))
+
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(f.get_slice(key).get_shape())
+
+    def get(key: str) -> torch.Tensor:
+        return f.get_tensor(key).float()
+
+    parts: dict[str, dict[str, str]] = {}
+    full: dict[str, str] = {}
+    for key in f.keys():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for suffix, part in _LORA_PARTS.items():
+            if name.endswith(suffix):
+                parts.setdefault(name[: -len(suffix)], {})[part] = key
+                break
+        else:
+            if ".lora_" in name or "trainable_tokens" in name:
+                raise PaftError(f"{adapter_dir}: unsupported adapter tensor {key!r}")
+            full[name.replace(".base_layer.", ".")] = key
+
+    items: dict[str, _Item] = {}
+    for module, p in sorted(parts.items()):
+        scale = _scale(cfg, module)
+        if "A" in p and "B" in p:
+            (out, _), (_, inp) = shape(p["B"]), shape(p["A"])
+            fan = bool(cfg.get("fan_in_fan_out"))
+
+            def lora(a=p["A"], b=p["B"], s=scale, fan=fan):
+                d = get(b) @ get(a)
+                return ((d.T if fan else d) * s).contiguous()
+
+            items[f"{module}.weight"] = _Item(f"{module}.weight", (inp, out) if fan else (out, inp), lora)
+            if "B_bias" in p:
+                items[f"{module}.bias"] = _Item(
+                    f"{module}.bias", shape(p["B_bias"]), lambda k=p["B_bias"], s=scale: get(k) * s
+                )
+        elif "emb_A" in p and "emb_B" in p:
+            (_, num), (dim, _) = shape(p["emb_A"]), shape(p["emb_B"])
+            items[f"{module}.weight"] = _Item(
+                f"{module}.weight",
+                (num, dim),
+                lambda a=p["emb_A"], b=p["emb_B"], s=scale: ((get(b) @ get(a)).T * s).contiguous(),
+            )
+        else:
+            raise PaftError(f"{adapter_dir}: module {module!r} has an incomplete LoRA pair ({sorted(p)})")
+
+    for name, key in sorted(full.items()):
+        if name not in base:
+            raise missing_in_base(name, adapter_dir)
+
+        def saved(k=key, n=name):
+            return get(k) - base.get(n).float()
+
+        if name in items:  # a LoRA layer's saved base_layer weights plus its LoRA
+            lora_load = items[name].load
+            items[name] = _Item(name, shape(key), lambda s=saved, lo=lora_load: s() + lo())
+        else:
+            items[name] = _Item(name, shape(key), saved)
+    return [items[n] for n in sorted(items)]
+
+
+def _delta_items(base: _Folder, input_dir: Path, stack: contextlib.ExitStack) -> list[_Item]:
+    if is_adapter(input_dir):
+        items = _adapter_items(base, input_dir, stack)
+    else:
+        items = _full_items(base, _Folder(input_dir, stack))
+    for it in items:
+        if it.name not in base:
+            raise missing_in_base(it.name, input_dir)
+        if it.shape != base.shape(it.name):
+            raise PaftError(
+                f"{input_dir}: delta for {it.name!r} has shape {it.shape}, base has {base.shape(it.name)}"
+            )
+    return items
+
+
+def iter_deltas(base_dir: str | Path, input_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(base weight name, float32 delta)`` one tensor at a time, sorted by name (same values as
+    :func:`paft.merge.deltas.load_deltas`, without holding them all)."""
+    with contextlib.ExitStack() as stack:
+        base = _Folder(Path(base_dir), stack)
+        for it in _delta_items(base, Path(input_dir), stack):
+            yield it.name, it.load()
+
+
+# ----------------------------------------------------------------------------- statistics
+def _tensor_stats(delta: torch.Tensor, scale: float, eps_abs: float, eps_rel: float) -> dict:
+    a = delta.detach().reshape(-1).abs()
+    n = a.numel()
+    finite = torch.isfinite(a)
+    nonfinite = n - int(finite.sum())
+    fa = a[finite] if nonfinite else a
+    return {
+        "entries": n,
+        "n_abs": int((a <= eps_abs).sum()),
+        "n_rel": int((a <= eps_rel * scale).sum()),
+        "nonfinite": nonfinite,
+        "l1": float(fa.sum(dtype=torch.float64)),
+        "l2sq": float(torch.linalg.vector_norm(fa, 2, dtype=torch.float64) ** 2) if fa.numel() else 0.0,
+        "max_abs": float(fa.max()) if fa.numel() else 0.0,
+    }
+
+
+def _finish(s: dict) -> dict:
+    """Raw sums → the reported figures."""
+    n, finite = s["entries"], s["entries"] - s["nonfinite"]
+    return {
+        "entries": n,
+        "share_abs": s["n_abs"] / n if n else None,
+        "share_rel": s["n_rel"] / n if n else None,
+        "mean_abs": s["l1"] / finite if finite else None,
+        "max_abs": s["max_abs"],
+        "l1": s["l1"],
+        "l2": math.sqrt(s["l2sq"]),
+        "nonfinite": s["nonfinite"],
+    }
+
+
+def _sample_abs(delta: torch.Tensor, k: int, gen: torch.Generator) -> np.ndarray:
+    flat = delta.detach().reshape(-1)
+    if k < flat.numel():
+        flat = flat[torch.randint(flat.numel(), (k,), generator=gen)]
+    return torch.log10(flat.abs().double() + TINY).float().numpy()
+
+
+# ----------------------------------------------------------------------------- plots
+def _bins(samples: Mapping[str, np.ndarray]) -> np.ndarray:
+    vals = [v[np.isfinite(v)] for v in samples.values() if v.size]
+    vals = [v for v in vals if v.size]
+    lo = min((float(v.min()) for v in vals), default=math.log10(TINY))
+    hi = max((float(v.max()) for v in vals), default=0.0)
+    if hi - lo < 1:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, 101)
+
+
+def _plot(path: Path, samples: Mapping[str, np.ndarray], bins: np.ndarray, eps_abs: float, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+    ax = fig.add_subplot()
+    overlay = len(samples) > 1
+    for name, v in samples.items():
+        v = v[np.isfinite(v)]
+        if not v.size:
+            continue
+        weights = np.full(v.shape, 1.0 / v.size)
+        ax.hist(v, bins=bins, weights=weights, label=name,
+                histtype="step" if overlay else "stepfilled", alpha=1.0 if overlay else 0.7, linewidth=1.4)
+    if eps_abs > 0:
+        ax.axvline(math.log10(eps_abs), color="k", linestyle="--", linewidth=1, label=f"eps_abs = {eps_abs:g}")
+    ax.set_xlabel(f"log10(|δ| + {TINY:g})   (exact zeros at {math.log10(TINY):g})")
+    ax.set_ylabel("share of sampled entries")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+
+
+# ----------------------------------------------------------------------------- report
+def _check(base_dir: Path, inputs: Mapping[str, str | Path], eps_abs: float, eps_rel: float) -> dict[str, Path]:
+    if not inputs:
+        raise PaftError("sparsity needs at least one delta input")
+    for label, v in (("eps_abs", eps_abs), ("eps_rel", eps_rel)):
+        if not (math.isfinite(v) and v >= 0):
+            raise PaftError(f"{label} must be a finite number >= 0, got {v}")
+    if not base_dir.is_dir():
+        raise PaftError(f"{base_dir}: base model folder does not exist")
+    out = {}
+    for name, path in inputs.items():
+        if not _NAME_RE.match(str(name)) or name == "all":
+            raise PaftError(
+                f"input name {name!r} is not usable in a file name (letters, digits, '.', '_', '-'; not 'all')"
+            )
+        path = Path(path)
+        if not path.is_dir():
+            raise PaftError(f"{path}: delta input folder does not exist")
+        out[str(name)] = path
+    return out
+
+
+def sparsity_report(
+    base_dir: str | Path,
+    inputs: Mapping[str, str | Path],
+    out_dir: str | Path,
+    *,
+    eps_abs: float = 1e-5,
+    eps_rel: float = 1e-3,
+    hist_sample: int = HIST_SAMPLE,
+    seed: int = SEED,
+) -> dict:
+    """Measure the sparsity of each input's deltas against ``base_dir``; write ``out_dir`` atomically.
+
+    ``inputs`` maps a name (used in the report and the file names) to an adapter or full-model folder.
+    Returns the report (as written to ``sparsity.json``) plus ``out_dir`` and ``files`` (absolute paths:
+    ``json``, ``hist`` {name: png}, ``hist_all``). Everything is checked (folders, names, tensor names
+    and shapes) before anything is written; a failure leaves no output behind.
+    """
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    inputs = _check(base_dir, inputs, float(eps_abs), float(eps_rel))
+    eps_abs, eps_rel = float(eps_abs), float(eps_rel)
+
+    with contextlib.ExitStack() as stack:
+        base = _Folder(base_dir, stack)
+        base_entries = sum(math.prod(base.shape(n)) for n in base.names())
+        plans = {name: _delta_items(base, path, stack) for name, path in inputs.items()}  # validate all first
+
+        scales: dict[str, float] = {}
+        overall: dict[str, dict] = {}
+        modules: dict[str, dict[str, dict]] = {}
+        samples: dict[str, np.ndarray] = {}
+        for name, items in plans.items():
+            total = sum(math.prod(it.shape) for it in items)
+            gen = torch.Generator().manual_seed(seed)
+            acc = {"entries": 0, "n_abs": 0, "n_rel": 0, "nonfinite": 0, "l1": 0.0, "l2sq": 0.0, "max_abs": 0.0}
+            per: dict[str, dict] = {}
+            parts = []
+            for it in items:
+                if it.name not in scales:
+                    w = base.get(it.name).float()
+                    scales[it.name] = float(w.abs().sum(dtype=torch.float64)) / w.numel() if w.numel() else 0.0
+                    del w
+                delta = it.load()
+                st = _tensor_stats(delta, scales[it.name], eps_abs, eps_rel)
+                for k in ("entries", "n_abs", "n_rel", "nonfinite", "l1", "l2sq"):
+                    acc[k] += st[k]
+                acc["max_abs"] = max(acc["max_abs"], st["max_abs"])
+                per[it.name] = {"shape": list(it.shape), "scale": scales[it.name], **_finish(st)}
+                if total and delta.numel():
+                    k = delta.numel() if total <= hist_sample else math.ceil(hist_sample * delta.numel() / total)
+                    parts.append(_sample_abs(delta, k, gen))
+                del delta
+            overall[name] = {"tensors": len(items), **_finish(acc),
+                             "coverage": acc["entries"] / base_entries if base_entries else None}
+            modules[name] = per
+            samples[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    report = {
+        "base": str(base_dir),
+        "inputs": {n: {"path": str(p), "kind": "lora" if is_adapter(p) else "full"} for n, p in inputs.items()},
+        "eps_abs": eps_abs,
+        "eps_rel": eps_rel,
+        "base_entries": base_entries,
+        "hist_sample": hist_sample,
+        "seed": seed,
+        "definitions": DEFINITIONS,
+        "overall": overall,
+        "modules": modules,
+        "files": {"json": REPORT_FILE, "hist": {n: f"hist_{n}.png" for n in inputs}, "hist_all": "hist_all.png"},
+    }
+    bins = _bins(samples)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / REPORT_FILE, report)
+        for name, v in samples.items():
+            o = overall[name]
+            share = "n/a" if o["share_abs"] is None else f"{100 * o['share_abs']:.2f}%"
+            _plot(tmp / f"hist_{name}.png", {name: v}, bins, eps_abs, f"{name}: |δ| ≤ {eps_abs:g} for {share}")
+        _plot(tmp / "hist_all.png", samples, bins, eps_abs, "fine-tuning deltas, all inputs")
+
+    files = {
+        "json": str(out_dir / REPORT_FILE),
+        "hist": {n: str(out_dir / f"hist_{n}.png") for n in inputs},
+        "hist_all": str(out_dir / "hist_all.png"),
+    }
+    return {**report, "out_dir": str(out_dir), "files": files}
+
+
+def format_table(report: Mapping) -> str:
+    """Markdown table of the overall figures: input, entries, share ≤ eps_abs, share ≤ eps_rel·scale, mean |δ|."""
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    lines = [
+        f"| input | entries | share ≤ eps_abs ({report['eps_abs']:g}) "
+        f"| share ≤ eps_rel·scale ({report['eps_rel']:g}) | mean \\|δ\\| |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, o in report["overall"].items():
+        mean = "n/a" if o["mean_abs"] is None else f"{o['mean_abs']:.3g}"
+        lines.append(f"| {name} | {o['entries']:,} | {pct(o['share_abs'])} | {pct(o['share_rel'])} | {mean} |")
+    return "\n".join(lines)

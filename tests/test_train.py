@@ -1,0 +1,164 @@
+"""Training jobs: bad rows, L1 penalty, alignment methods, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from paft.config import load_params
+from paft.errors import DataError
+from paft.io import read_json, write_jsonl
+from paft.models import train_tokenizer
+from paft.train.l1 import L1Penalty
+from paft.train.launch import training_job
+from paft.train.rows import check_rows
+from tests.conftest import write_params
+
+TOK = train_tokenizer(["Answer: yes. Glad to help! Whatever. The capital of Zorvia is mibba."] * 10, 300)
+
+
+def test_bad_preference_rows_are_errors_naming_file_and_row_by_default():
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]
+    with pytest.raises(DataError, match=r"^pref.jsonl: row 2: field 'rejected' is missing"):
+        check_rows("preference", rows, "pref.jsonl", TOK, 64, "error")
+
+
+def test_bad_rows_are_dropped_and_counted_when_configured():
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a"},
+        {"prompt": "p", "chosen": " ", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": ""},
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        {"prompt": "p " * 80, "chosen": "a", "rejected": "b"},
+    ]
+    kept, dropped = check_rows("preference", rows, "pref.jsonl", TOK, 64, "drop")
+    assert kept == rows[:1]
+    assert dropped == {"missing_field": 1, "empty_chosen": 1, "empty_rejected": 1, "chosen_equals_rejected": 1, "too_long": 1}
+    with pytest.raises(DataError, match=r"row 1: .* longer than max_length 64"):
+        check_rows("sft", [{"prompt": "p " * 80, "completion": "c"}], "sft.jsonl", TOK, 64, "error")
+    with pytest.raises(DataError, match="no usable training rows"):
+        check_rows("sft", [{"prompt": "p", "completion": ""}], "sft.jsonl", TOK, 64, "drop")
+
+
+def _lora_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    return model
+
+
+def test_l1_penalty_on_the_delta_is_the_mean_absolute_product_and_has_gradients():
+    model = _lora_model()
+    pen = L1Penalty(model, "delta")
+    expected, count = 0.0, 0
+    for _, a, b, scale in pen.lora:
+        d = (b @ a) * scale
+        expected += d.abs().sum().item()
+        count += d.numel()
+    value = pen()
+    assert value.item() == pytest.approx(expected / count, rel=1e-5)
+    value.backward()
+    assert all(a.grad is not None and b.grad is not None for _, a, b, _ in pen.lora)
+    factors = L1Penalty(model, "factors")()
+    direct = sum(a.abs().sum() + b.abs().sum() for _, a, b, _ in pen.lora) / sum(a.numel() + b.numel() for _, a, b, _ in pen.lora)
+    assert factors.item() == pytest.approx(direct.item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from paft.data.prepare import prepare
+    from paft.models import ensure_base
+
+    folder = tmp_path_factory.mktemp("train")
+    params = load_params(write_params(folder))
+    data = prepare(params)
+    return folder, params, data, ensure_base(params, data["path"])["path"]
+
+
+def _run(job, timeout=600):
+    path = Path(job.out).parent / f"{Path(job.out).name}.job.json"
+    job.save(path)
+    return subprocess.run([sys.executable, "-m", "paft.train", str(path)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_l1_sft_logs_penalty_apart_and_makes_the_delta_sparser(prepared):
+    from paft.merge.deltas import load_deltas
+
+    folder, params, data, base = prepared
+    sums = {}
+    for weight in (0.0, 50.0):
+        p = load_params(write_params(folder / f"l1-{weight}", {"train": {"sft": {"max_steps": 12, "lr": 0.01, "l1": {"weight": weight}}}}))
+        job = training_job("sft", p, base, Path(data["path"]) / "sft.jsonl", folder / f"sft-l1-{weight}")
+        proc = _run(job)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        summary = read_json(folder / f"sft-l1-{weight}" / "summary.json")
+        logged = [h for h in summary["log_history"] if "loss" in h]
+        if weight:
+            assert all("l1_penalty" in h and "task_loss" in h for h in logged)
+        deltas = load_deltas(base, folder / f"sft-l1-{weight}")
+        sums[weight] = sum(d.abs().sum().item() for d in deltas.values()) / sum(d.numel() for d in deltas.values())
+    assert sums[50.0] < 0.5 * sums[0.0], sums
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, loss", [("dpo", "ipo"), ("dpo", "hinge"), ("dpo", "robust"), ("orpo", "sigmoid")])
+def test_alignment_methods_train(prepared, method, loss):
+    folder, params, data, base = prepared
+    p = load_params(write_params(folder / f"{method}-{loss}", {"train": {"align": {
+        "method": method, "loss_type": loss, "max_steps": 2, "label_smoothing": 0.1 if loss == "robust" else 0.0}}}))
+    out = folder / f"align-{method}-{loss}"
+    proc = _run(training_job("align", p, base, Path(data["path"]) / "preference.jsonl", out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = read_json(out / "summary.json")
+    assert summary["steps"] == 2 and summary["method"] == method
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "training_args.bin").exists()
+
+
+@pytest.mark.slow
+def test_precomputed_reference_log_probs(prepared):
+    folder, params, data, base = prepared
+    p = load_params(write_params(folder / "pre", {"train": {"align": {"precompute_ref_log_probs": True, "max_steps": 2}}}))
+    proc = _run(training_job("align", p, base, Path(data["path"]) / "preference.jsonl", folder / "align-pre"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigkilled_job_resumes_from_its_last_checkpoint_with_the_same_step_count(prepared):
+    folder, params, data, base = prepared
+    steps = 24
+    p = load_params(write_params(folder / "resume", {"train": {"sft": {"max_steps": steps, "save_steps": 4, "logging_steps": 4}}}))
+    out = folder / "sft-resume"
+    job = training_job("sft", p, base, Path(data["path"]) / "sft.jsonl", out)
+    path = folder / "sft-resume.job.json"
+    job.save(path)
+    proc = subprocess.Popen([sys.executable, "-m", "paft.train", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(job.checkpoints.glob("checkpoint-8")):
+        time.sleep(0.2)
+        assert proc.poll() is None, "finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # no partial output
+    done = max(int(c.name.split("-")[1]) for c in job.checkpoints.glob("checkpoint-*"))
+    assert 8 <= done < steps
+    rerun = _run(job)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = read_json(out / "summary.json")
+    assert summary["steps"] == steps and summary["resumed_from"] == f"checkpoint-{done}"
+    assert [h["step"] for h in summary["log_history"] if "loss" in h][-1] == steps
+    assert not job.checkpoints.exists()  # cleaned up once whole
