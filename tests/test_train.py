@@ -154,8 +154,9 @@ def test_sigkilled_job_resumes_from_its_last_checkpoint_with_the_same_step_count
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # no partial output
-    done = max(int(c.name.split("-")[1]) for c in job.checkpoints.glob("checkpoint-*"))
-    assert 8 <= done < steps
+    done = max(int(c.name.split("-")[1]) for c in job.checkpoints.glob("checkpoint-*")
+               if (c / "trainer_state.json").is_file())  # the kill may land while checkpoint-8 is being written
+    assert 4 <= done < steps
     rerun = _run(job)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = read_json(out / "summary.json")

@@ -96,16 +96,30 @@ def make_config(config_cls, **kwargs):
     return config_cls(**kwargs)
 
 
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was written whole; half-written ones (a kill during the save) are removed.
+
+    The trainer writes ``trainer_state.json`` last, so a checkpoint without it is incomplete.
+    """
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        if (ckpt / "trainer_state.json").is_file():
+            return ckpt
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
 def train_and_save(trainer, tokenizer, job: Job, out: Path) -> str | None:
     """Train (resuming from the last checkpoint if a killed run left one) and save model/adapter in ``out``."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    resume = get_last_checkpoint(str(job.checkpoints)) if job.checkpoints.is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
+    resume = last_complete_checkpoint(job.checkpoints)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(out))
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the job file records the arguments
     tokenizer.save_pretrained(out)
-    return Path(resume).name if resume else None
+    return resume.name if resume else None
 
 
 def finish(job: Job) -> None:

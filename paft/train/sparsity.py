@@ -23,7 +23,7 @@ random sample (fixed seed) of at most about ``HIST_SAMPLE`` entries per input, d
 proportion to its size.
 
 Output folder (written atomically): ``sparsity.json`` (the report), ``hist_<name>.png`` per input
-(``log10(|δ| + TINY)``, vertical line at ``eps_abs``), ``hist_all.png`` (all inputs overlaid).
+(``log10(|δ| + TINY)``, y on a log scale, vertical line at ``eps_abs``), ``hist_all.png`` (all inputs overlaid).
 """
 
 from __future__ import annotations
@@ -284,7 +284,11 @@ def _plot(path: Path, samples: Mapping[str, np.ndarray], bins: np.ndarray, eps_a
     if eps_abs > 0:
         ax.axvline(math.log10(eps_abs), color="k", linestyle="--", linewidth=1, label=f"eps_abs = {eps_abs:g}")
     ax.set_xlabel(f"log10(|δ| + {TINY:g})   (exact zeros at {math.log10(TINY):g})")
-    ax.set_ylabel("share of sampled entries")
+    ax.set_yscale("log")  # the spike of (near-)zeros would flatten everything else on a linear axis
+    largest = max((v.size for v in samples.values()), default=0)
+    if largest:
+        ax.set_ylim(bottom=0.5 / largest, top=1.5)
+    ax.set_ylabel("share of sampled entries (log scale)")
     ax.set_title(title)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
