@@ -40,6 +40,7 @@ def paft(params_path: str = "params.yaml", overrides: list[str] | None = None) -
         # the baseline PAFT replaces: alignment after SFT, from the SFT model (starts when SFT ends)
         seq_f = stages.train_sequential.submit(params, base, sft_f, data, str(run_dir), parent) if params.train.sequential else None
         sft, align = sft_f.result(), align_f.result()
+        sparsity_f = stages.sparsity.submit(params, base, {"sft": sft, "align": align}, str(run_dir), parent)
         merged = stages.merge(params, base, sft, align, str(run_dir), parent)
         rec_start = merged[params.merge.methods[0]]["path"] if params.rec.base == "merged" else base["path"]
         rec = stages.train_rec(params, rec_start, data, str(run_dir), parent)
@@ -52,6 +53,7 @@ def paft(params_path: str = "params.yaml", overrides: list[str] | None = None) -
         ]
         results = stages.evaluate(params, candidates, rec, data, str(run_dir), parent)
         rep = stages.report(params, results, merged, rec, data, parent)
+        sparsity = sparsity_f.result()
         ok = True
     finally:
         tracker.end(parent, ok)
@@ -61,6 +63,7 @@ def paft(params_path: str = "params.yaml", overrides: list[str] | None = None) -
         "data_version": data["data_version"],
         "results": results,
         "table": rep["table"],
+        "sparsity_table": sparsity["table"],
         "registered": rep["registered"],
         "timings": {k: {"start": v["start"], "end": v["end"]} for k, v in (("sft", sft), ("align", align))},
         "mlflow_ui": tracker.ui_command(),

@@ -29,6 +29,7 @@ def cmd_run(args) -> int:
     print(f"\nMLflow parent run: {out['parent_run_id']}   data version: {out['data_version']}")
     print(f"Outputs: {out['run_dir']}\n")
     print(out["table"])
+    print(f"\nDelta sparsity:\n{out['sparsity_table']}")
     for kind, reg in out["registered"].items():
         print(f"registered {reg['name']} v{reg['version']} (alias {reg['alias']})")
     print(f"\nOpen the MLflow UI on these runs:\n  {out['mlflow_ui']}")

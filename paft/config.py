@@ -169,6 +169,13 @@ class MergeConfig(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class SparsityConfig(Section):
+    """Delta sparsity analysis: share of delta entries with |δ| ≤ eps_abs, and ≤ eps_rel × mean |W| of the base tensor."""
+
+    eps_abs: Annotated[float, Field(ge=0)] = 1e-5
+    eps_rel: Annotated[float, Field(ge=0)] = 1e-3
+
+
 # ----------------------------------------------------------------------------- REC
 class RecConfig(TrainConfig):
     base: Literal["merged", "base"] = "merged"  # start REC training from the PAFT merge (default) or the base
@@ -224,6 +231,7 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     train: TrainSection = TrainSection()
     merge: MergeConfig = MergeConfig()
+    sparsity: SparsityConfig = SparsityConfig()
     rec: RecConfig = RecConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     resources: ResourcesConfig = ResourcesConfig()

@@ -101,6 +101,24 @@ def merge(params: Params, base: dict, sft: dict, align: dict, run_dir: str, pare
     return out
 
 
+@task(name="sparsity", cache_policy=NO_CACHE)
+def sparsity(params: Params, base: dict, trained: dict[str, dict], run_dir: str, parent_id: str) -> dict:
+    """Share of near-zero entries in each trained delta (per module and overall), histograms, JSON report."""
+    from paft.models import local_path
+    from paft.train.sparsity import format_table, sparsity_report
+
+    with stage_run(params, parent_id, "sparsity") as (tracker, run_id):
+        out = Path(run_dir) / "sparsity"
+        report = sparsity_report(local_path(base["path"]), {k: v["path"] for k, v in trained.items()}, out,
+                                 eps_abs=params.sparsity.eps_abs, eps_rel=params.sparsity.eps_rel)
+        metrics = {f"{name}/{k}": v for name, o in report["overall"].items() for k, v in o.items()}
+        tracker.log_metrics(run_id, metrics)
+        tracker.log_metrics(parent_id, {f"sparsity/{k}": v for k, v in metrics.items() if k.endswith(("share_abs", "share_rel"))})
+        tracker.log_artifacts(run_id, out, "sparsity")
+        tracker.log_text(run_id, format_table(report), "sparsity.md")
+    return {"overall": report["overall"], "table": format_table(report), "path": str(out)}
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(params: Params, candidates: list[dict], rec: dict, data: dict, run_dir: str, parent_id: str) -> dict:
     from paft.evaluate.candidates import evaluate_all

@@ -28,6 +28,7 @@ def test_flow_runs_every_stage_and_reports_every_candidate(flow_run):
         assert "rec_faithfulness_parse_rate" in row
     assert set(out["results"]["rec"]) >= {"rec_parse_rate", "rec_rating_accuracy", "citations_verified"}
     assert "| paft_ties |" in out["table"]
+    assert "| sft |" in out["sparsity_table"] and "| align |" in out["sparsity_table"]
 
 
 def test_sft_and_alignment_overlap_in_time(flow_run):
@@ -71,7 +72,7 @@ def test_mlflow_holds_parent_children_tags_metrics_and_registry(flow_run):
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {r.info.run_name for r in children}
     assert names == {"prepare", "base_model", "train_sft", "train_align", "merge_ties", "merge_task_arithmetic",
-                     "train_rec", "train_sequential", "evaluate"}
+                     "train_rec", "train_sequential", "sparsity", "evaluate"}
     sft = next(r for r in children if r.info.run_name == "train_sft")
     assert len(client.get_metric_history(sft.info.run_id, "train/loss")) >= 2  # the loss curve
     assert any(a.path == "adapter" for a in client.list_artifacts(sft.info.run_id))
