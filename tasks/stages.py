@@ -42,7 +42,9 @@ def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, par
     with stage_run(params, parent_id, name or f"train_{kind}") as (tracker, run_id):
         job = training_job(kind, params, base, data_file, out)
         tracker.log_params(run_id, {f"cfg.{k}": v for k, v in job.cfg.items()} | {"base": base})
-        summary = launch(job, params.resources.python)
+        res = params.resources
+        accelerate_config = str(params.path(res.accelerate_config)) if res.accelerate_config else None
+        summary = launch(job, res.python, gpus=res.gpus_per_job, accelerate_config=accelerate_config)
         tracker.log_history(run_id, summary.pop("log_history", []))
         tracker.log_metrics(run_id, {k: v for k, v in summary.items() if k not in ("start", "end", "pid")})
         tracker.log_metrics(run_id, {f"dropped_{k}": v for k, v in summary.get("dropped", {}).items()})

@@ -163,3 +163,14 @@ def test_sigkilled_job_resumes_from_its_last_checkpoint_with_the_same_step_count
     assert summary["steps"] == steps and summary["resumed_from"] == f"checkpoint-{done}"
     assert [h["step"] for h in summary["log_history"] if "loss" in h][-1] == steps
     assert not job.checkpoints.exists()  # cleaned up once whole
+
+
+def test_multi_gpu_jobs_are_launched_with_accelerate():
+    from paft.train.launch import command
+
+    assert command("job.json", "py") == ["py", "-m", "paft.train", "job.json"]
+    assert command("job.json", "py", gpus=1) == ["py", "-m", "paft.train", "job.json"]
+    cmd = command("job.json", "py", gpus=4, accelerate_config="infra/accelerate/deepspeed_zero2.yaml")
+    assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--config_file") + 1].endswith("zero2.yaml")
+    assert cmd[-3:] == ["-m", "paft.train", "job.json"]

@@ -26,6 +26,9 @@ def run(job_path: str) -> int:
     from paft.train.sft import train_sft
 
     fn = {"sft": train_sft, "rec": train_sft, "align": train_align}[job.kind]
+    if int(os.environ.get("RANK", "0")) != 0:  # another process of `accelerate launch`: trains, rank 0 writes
+        fn(job, Path(job.out))
+        return 0
     try:
         with atomic_dir(job.out) as tmp:
             summary = fn(job, tmp)

@@ -116,9 +116,10 @@ def train_and_save(trainer, tokenizer, job: Job, out: Path) -> str | None:
     """Train (resuming from the last checkpoint if a killed run left one) and save model/adapter in ``out``."""
     resume = last_complete_checkpoint(job.checkpoints)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.save_model(str(out))
-    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the job file records the arguments
-    tokenizer.save_pretrained(out)
+    trainer.save_model(str(out))  # every process takes part (ZeRO-3 gathers), the main one writes
+    if trainer.is_world_process_zero():
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the job file records the arguments
+        tokenizer.save_pretrained(out)
     return resume.name if resume else None
 
 

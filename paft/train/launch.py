@@ -34,8 +34,19 @@ def training_job(kind: str, params: Params, base: str, data: str | Path, out: st
     )
 
 
-def launch(job: Job, python: str | None = None, env: dict | None = None) -> dict:
-    """Run ``job`` in ``python -m paft.train``; returns its summary. The log is kept beside the output."""
+def command(job_file: str | Path, python: str | None = None, gpus: int = 0, accelerate_config: str | None = None) -> list[str]:
+    """The job's command line: one process, or ``accelerate launch`` with one process per GPU when ``gpus`` > 1."""
+    python = python or sys.executable
+    if gpus > 1:
+        cfg = ["--config_file", str(accelerate_config)] if accelerate_config else ["--multi_gpu"]
+        return [python, "-m", "accelerate.commands.launch", *cfg, "--num_processes", str(gpus),
+                "-m", "paft.train", str(job_file)]
+    return [python, "-m", "paft.train", str(job_file)]
+
+
+def launch(job: Job, python: str | None = None, env: dict | None = None, gpus: int = 0,
+           accelerate_config: str | None = None) -> dict:
+    """Run ``job`` in its own process(es); returns its summary. The log is kept beside the output."""
     out = Path(job.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     job_file = out.parent / f"{out.name}.job.json"
@@ -46,7 +57,7 @@ def launch(job: Job, python: str | None = None, env: dict | None = None) -> dict
     run_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(job.threads), **(env or {})}
     with log_file.open("w") as log:
         proc = subprocess.run(
-            [python or sys.executable, "-m", "paft.train", str(job_file)],
+            command(job_file, python, gpus, accelerate_config),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=run_env,
