@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# DeepSpeed (ZeRO configs in infra/deepspeed): a source package; built against the torch above, no ops compiled
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation 'deepspeed>=0.19,<0.20'
 	touch $(STAMP)
 
 install: $(STAMP)

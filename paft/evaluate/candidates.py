@@ -23,10 +23,14 @@ def load_candidate(params: Params, candidate: dict):
     from paft.models import load_model
     from paft.train.export import merged_model
 
+    import torch
+
     m = params.model
     if candidate.get("adapter"):
-        return merged_model(candidate["path"], candidate["adapter"], m.dtype, m.trust_remote_code)
-    return load_model(candidate["path"], m.dtype, m.trust_remote_code)
+        tok, model = merged_model(candidate["path"], candidate["adapter"], m.dtype, m.trust_remote_code)
+    else:
+        tok, model = load_model(candidate["path"], m.dtype, m.trust_remote_code)
+    return tok, model.to("cuda") if torch.cuda.is_available() else model
 
 
 def _held_out(data_dir: Path, name: str, limit: int) -> list[dict]:

@@ -27,7 +27,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     tokenizer.padding_side = "left"
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -68,7 +68,8 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
         for j, seq in enumerate(ids):
             input_ids[j, : len(seq)] = torch.tensor(seq)
             mask[j, : len(seq)] = 1
-        logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float()[:, :-1], -1)
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        logp = torch.log_softmax(logits.float()[:, :-1], -1).cpu()
         tok_logp = logp.gather(-1, input_ids[:, 1:, None])[..., 0]
         for j, seq in enumerate(ids):
             scores.append(tok_logp[j, starts[j] - 1 : len(seq) - 1].sum().item())

@@ -20,13 +20,15 @@ def default_threads() -> int:
 
 def training_job(kind: str, params: Params, base: str, data: str | Path, out: str | Path) -> Job:
     """The job for stage ``kind`` ("sft", "align" or "rec") from the params."""
-    section = {"sft": params.train.sft, "align": params.train.align, "rec": params.rec}[kind]
+    cfg = {"sft": params.train.sft, "align": params.train.align, "rec": params.rec}[kind].model_dump()
+    if cfg["deepspeed"]:  # like every path in a params file, relative to that file's folder
+        cfg["deepspeed"] = str(params.path(cfg["deepspeed"]).resolve())
     return Job(
         kind=kind,
         base=str(base),
         data=str(data),
         out=str(out),
-        cfg=section.model_dump(),
+        cfg=cfg,
         seed=params.seed,
         threads=params.resources.cpu_threads,
         dtype=params.model.dtype,
