@@ -351,6 +351,8 @@ def sft_settings(model_dir: Path, work: Path, rows: list[dict], batch_size: int,
         ("paft padding_free=True, packing=False", paft("pf", packing=False, padding_free=True), "probe"),
         ("* paft packing=False + group_by_length", paft("grouped", GROUPED, packing=False, padding_free=False), "length"),
         ("* paft packing=False + bf16 autocast", paft("bf16", bf16_args(), packing=False, padding_free=False), "bf16"),
+        ("* paft packing=False + group_by_length + bf16",
+         paft("both", {**GROUPED, **bf16_args()}, packing=False, padding_free=False), "bf16"),
     ]
 
 
@@ -404,6 +406,8 @@ def dpo_settings(model_dir: Path, work: Path, batch_size: int, lr: float):
         ("* paft precompute=True + group_by_length",
          paft("grouped", {**GROUPED, "remove_unused_columns": False}, precompute_ref_log_probs=True), "length"),
         ("* paft precompute=True + bf16 autocast", paft("bf16", bf16_args(), precompute_ref_log_probs=True), "bf16"),
+        ("* paft precompute=True + group_by_length + bf16",
+         paft("both", {**GROUPED, "remove_unused_columns": False, **bf16_args()}, precompute_ref_log_probs=True), "bf16"),
     ]
 
 
@@ -426,7 +430,7 @@ def bench(settings, a, total: int, slices: list[list[dict]], pairs: bool, label:
         for name, factory, _ in active if r % 2 == 0 else active[::-1]:
             t = time.perf_counter()
             run_once(factory(a.seed + r, slices[r]), total, a.warmup, runs[name], pairs)
-            print(f"  {label} round {r + 1}/{a.rounds}  {name:42} {runs[name].per_round[-1]:7.0f} tok/s"
+            print(f"  {label} round {r + 1}/{a.rounds}  {name:48} {runs[name].per_round[-1]:7.0f} tok/s"
                   f"  ({time.perf_counter() - t:4.1f} s)", flush=True)
     return runs, {name: role for name, _, role in active}, notes
 
@@ -434,17 +438,27 @@ def bench(settings, a, total: int, slices: list[list[dict]], pairs: bool, label:
 # ----------------------------------------------------------------------------- report
 def table(title: str, runs: dict[str, Run], roles: dict[str, str], unit: str, notes: list[str], extra_rows=()):
     base = next(r for n, r in runs.items() if roles[n] == "base")
-    head = (f"{'setting':44} {'tokens/s':>8} {unit + '/s':>8} {'pad %':>6} {'tok/step':>8} {'s/step':>7} "
+    head = (f"{'setting':48} {'tokens/s':>8} {unit + '/s':>8} {'pad %':>6} {'tok/step':>8} {'s/step':>7} "
             f"{'x TRL':>6}  per round x TRL")
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for name, r in runs.items():
         rounds = " ".join(f"{x / y:.2f}" for x, y in zip(r.per_round, base.per_round))
-        print(f"{name:44} {r.tok_s:8.0f} {r.ex_s:8.2f} {100 * (1 - r.tokens / r.positions):6.1f} "
+        print(f"{name:48} {r.tok_s:8.0f} {r.ex_s:8.2f} {100 * (1 - r.tokens / r.positions):6.1f} "
               f"{r.tokens / r.steps:8.0f} {r.seconds / r.steps:7.3f} {r.tok_s / base.tok_s:6.2f}  {rounds}")
     for name, tok_s, ex_s in extra_rows:
-        print(f"{name:44} {tok_s:8.0f} {ex_s:8.2f} {'':>6} {'':>8} {'':>7} {tok_s / base.tok_s:6.2f}")
+        print(f"{name:48} {tok_s:8.0f} {ex_s:8.2f} {'':>6} {'':>8} {'':>7} {tok_s / base.tok_s:6.2f}")
     for n in notes:
         print(f"  note: {n}")
+
+
+def best_candidate(runs: dict[str, Run], roles: dict[str, str], base: Run, precompute: bool = False) -> str:
+    cand = [n for n, role in roles.items() if role == "candidate"]
+    if not cand:
+        return ""
+    tok_s = lambda r: r.with_precompute(1.0)[0] if precompute else r.tok_s  # noqa: E731
+    best = max(cand, key=lambda n: tok_s(runs[n]))
+    return f" [best candidate: '{best.lstrip('* ')}' {tok_s(runs[best]) / base.tok_s:.2f}x" + \
+        (" incl. precompute]" if precompute else "]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["sft", "dpo"], help="run one trainer only")
     p.add_argument("--candidates", choices=sorted(CANDIDATES), default="length",
                    help="'*' rows, changes paft does not have: none, length (group_by_length, the default) or all "
-                        "(also bf16 autocast; adds ~1 min)")
+                        "(also bf16 autocast, alone and with group_by_length; adds ~1-2 min)")
     p.add_argument("--quick", action="store_true", help="a smoke run under 2 min: 2 rounds of 1 warmup + 2 timed steps")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -536,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
               runs, roles, "ex", notes)
         ours, base = runs["paft packing=True (ours)"], runs["TRL defaults"]
         ratio = ours.tok_s / base.tok_s
-        verdicts.append(f"SFT {ratio:.2f}x ({'met' if ratio >= AIM else 'NOT met'})")
+        verdicts.append(f"SFT {ratio:.2f}x ({'met' if ratio >= AIM else 'NOT met'}){best_candidate(runs, roles, base)}")
     if "dpo" in results:
         runs, roles, notes = results["dpo"]
         ours, base = runs["paft precompute=True (ours)"], runs["TRL defaults"]
@@ -546,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                  (f"  ours incl. precompute, {epochs:g} epochs", *ours.with_precompute(epochs))]
         cand = [n for n, role in roles.items() if role == "candidate"]
         for n in cand:
-            extra.append((f"  {n.split(' + ')[-1]} incl. precompute, 1 epoch", *runs[n].with_precompute(1.0)))
+            extra.append((f"  {n.split('precompute=True + ', 1)[-1]} incl. precompute, 1 epoch", *runs[n].with_precompute(1.0)))
         notes = notes + [
             f"precompute (ours): {ours.precompute_s:.1f} s for {ours.precompute_pairs} pairs "
             f"({1000 * ours.precompute_s / max(ours.precompute_pairs, 1):.0f} ms/pair, weight hash included), not in the "
@@ -563,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
               runs, roles, "pairs", notes, extra)
         once = ours.with_precompute(1.0)[0] / base.tok_s
         steady = ours.tok_s / base.tok_s
-        verdicts.append(f"DPO {once:.2f}x incl. precompute, each pair once ({'met' if once >= AIM else 'NOT met'}); "
-                        f"{steady:.2f}x per step without it")
+        verdicts.append(f"DPO {once:.2f}x incl. precompute, each pair once ({'met' if once >= AIM else 'NOT met'}), "
+                        f"{steady:.2f}x per step without it{best_candidate(runs, roles, base, precompute=True)}")
     print(f"\nAim: >= {AIM}x over TRL defaults on padded data (tokens/s): " + "; ".join(verdicts))
     return 0
 

@@ -174,3 +174,39 @@ def test_multi_gpu_jobs_are_launched_with_accelerate():
     assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--config_file") + 1].endswith("zero2.yaml")
     assert cmd[-3:] == ["-m", "paft.train", "job.json"]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_prompts_use_the_chat_template_when_the_tokenizer_has_one():
+    from paft.data.formats import format_prompt, training_example
+
+    tok = train_tokenizer(["hello"] * 5, 300)
+    assert format_prompt("Q?", tok) == "### Instruction:\nQ?\n\n### Response:\n"
+    tok.chat_template = CHAT_TEMPLATE
+    assert format_prompt("Q?", tok) == "<|user|>\nQ?</s>\n<|assistant|>\n"
+    assert format_prompt("REC prompt", tok, plain_template=False) == "<|user|>\nREC prompt</s>\n<|assistant|>\n"
+    ex = training_example("preference", {"prompt": "Q?", "chosen": "a", "rejected": "b"}, tok)
+    assert ex["chosen"] == [{"role": "assistant", "content": "a"}] and ex["prompt"][0]["role"] == "user"
+
+
+@pytest.mark.slow
+def test_sft_and_dpo_train_on_a_chat_model(prepared):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder, params, data, base = prepared
+    chat_base = folder / "chat-base"
+    shutil.copytree(base, chat_base, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(chat_base)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(chat_base)
+    p = load_params(write_params(folder / "chat", {"train": {"sft": {"max_steps": 2}, "align": {"max_steps": 2}}}))
+    for kind, file in (("sft", "sft.jsonl"), ("align", "preference.jsonl")):
+        out = folder / f"chat-{kind}"
+        proc = _run(training_job(kind, p, str(chat_base), Path(data["path"]) / file, out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert read_json(out / "summary.json")["steps"] == 2

@@ -57,7 +57,7 @@ def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, d
             row: dict[str, float] = {}
             gens: list[str] = []
             if tasks:
-                gens = M.generate(model, tok, [format_prompt(t["prompt"]) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
+                gens = M.generate(model, tok, [format_prompt(t["prompt"], tok) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
                 row.update(M.task_metrics(gens, tasks))
             row.update(M.preference_accuracy(model, tok, pairs, cfg.batch_size))
             if judge and tasks:

@@ -80,7 +80,7 @@ def preference_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16
     """Share of held-out pairs whose chosen response is more likely than the rejected one, and the mean margin."""
     if not rows:
         return {}
-    prompts = [format_prompt(r["prompt"]) for r in rows]
+    prompts = [format_prompt(r["prompt"], tokenizer) for r in rows]
     chosen = completion_logprobs(model, tokenizer, prompts, [r["chosen"] for r in rows], batch_size)
     rejected = completion_logprobs(model, tokenizer, prompts, [r["rejected"] for r in rows], batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
@@ -89,7 +89,8 @@ def preference_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16
 
 def judge(rec_model, tokenizer, items: list[dict], lo: int, hi: int, max_new_tokens: int, batch_size: int = 16):
     """REC judgments for ``items`` ({instruction, context, response, dimension}); None where unparsable."""
-    prompts = [rec_prompt(it["instruction"], it["context"], it["response"], it["dimension"], lo, hi) for it in items]
+    prompts = [format_prompt(rec_prompt(it["instruction"], it["context"], it["response"], it["dimension"], lo, hi),
+                             tokenizer, plain_template=False) for it in items]
     outs = generate(rec_model, tokenizer, prompts, max_new_tokens, batch_size)
     return [parse_judgment(o, lo, hi) for o in outs]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from paft.data.formats import format_prompt
+from paft.data.formats import format_prompt, training_example
 from paft.io import read_jsonl
 from paft.train.common import Job, make_config, peft_config, train_and_save, train_summary, trainer_args
 from paft.train.rows import check_rows
@@ -43,9 +43,9 @@ def train_align(job: Job, out: Path) -> dict:
     started = time.time()
     cfg = job.cfg
     tokenizer, model = load_model(job.base, job.dtype, job.trust_remote_code)
-    raw = [{**r, "prompt": format_prompt(r["prompt"])} if isinstance(r.get("prompt"), str) else r for r in read_jsonl(job.data)]
-    rows, dropped = check_rows("preference", raw, job.data, tokenizer, cfg["max_length"], cfg["bad_rows"])
-    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    rows, dropped = check_rows("preference", read_jsonl(job.data), job.data, tokenizer, cfg["max_length"], cfg["bad_rows"],
+                               render=lambda p: format_prompt(p, tokenizer))
+    dataset = Dataset.from_list([training_example("preference", r, tokenizer) for r in rows])
     trainer = _trainer(job, model, tokenizer, dataset)
     resumed = train_and_save(trainer, tokenizer, job, out)
     rewards = [h for h in trainer.state.log_history if "rewards/accuracies" in h]

@@ -27,13 +27,16 @@ def row_problem(kind: str, row: dict, lengths: dict[str, int] | None, max_length
     return None
 
 
-def check_rows(kind: str, rows: list[dict], path: str, tokenizer, max_length: int, policy: str) -> tuple[list[dict], dict]:
-    """Rows without problems, and the count of dropped rows per reason. ``policy`` "error" raises on the first one."""
+def check_rows(kind: str, rows: list[dict], path: str, tokenizer, max_length: int, policy: str,
+               render=lambda prompt: prompt) -> tuple[list[dict], dict]:
+    """Rows without problems, and the count of dropped rows per reason. ``policy`` "error" raises on the first one.
+    ``render`` turns a prompt into the text the model sees, for the length check."""
     kept, dropped = [], Counter()
     for i, row in enumerate(rows, 1):
         lengths = None
         if all(isinstance(row.get(f), str) for f in FIELDS[kind]):
-            lengths = {f: len(tokenizer(row[f], add_special_tokens=False)["input_ids"]) for f in FIELDS[kind]}
+            texts = {f: render(row[f]) if f == "prompt" else row[f] for f in FIELDS[kind]}
+            lengths = {f: len(tokenizer(t, add_special_tokens=False)["input_ids"]) for f, t in texts.items()}
         problem = row_problem(kind, row, lengths, max_length)
         if problem is None:
             kept.append(row)

@@ -6,19 +6,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from paft.data.formats import format_prompt
+from paft.data.formats import format_prompt, training_example
 from paft.io import read_jsonl
 from paft.train.common import Job, make_config, peft_config, train_and_save, train_summary, trainer_args
 from paft.train.rows import check_rows
 
 
 def sft_rows(job: Job) -> list[dict]:
+    """Rows with a raw prompt and a completion (REC examples become their judge prompt and JSON target)."""
     rows = read_jsonl(job.data)
     if job.kind == "rec":
         from paft.rec.prompts import rec_training_row
 
         return [rec_training_row(r, job.cfg["scale_min"], job.cfg["scale_max"]) for r in rows]
-    return [{**r, "prompt": format_prompt(r["prompt"])} if isinstance(r.get("prompt"), str) else r for r in rows]
+    return rows
 
 
 def train_sft(job: Job, out: Path) -> dict:
@@ -32,7 +33,9 @@ def train_sft(job: Job, out: Path) -> dict:
     started = time.time()
     cfg = job.cfg
     tokenizer, model = load_model(job.base, job.dtype, job.trust_remote_code)
-    rows, dropped = check_rows("sft", sft_rows(job), job.data, tokenizer, cfg["max_length"], cfg["bad_rows"])
+    plain = job.kind != "rec"  # a REC prompt is complete as it is; only a chat template wraps it
+    rows, dropped = check_rows("sft", sft_rows(job), job.data, tokenizer, cfg["max_length"], cfg["bad_rows"],
+                               render=lambda p: format_prompt(p, tokenizer, plain))
     args = make_config(SFTConfig, **trainer_args(job), completion_only_loss=True, packing=cfg["packing"])
     l1 = cfg.get("l1") or {"weight": 0.0}
     trainer_cls, extra = SFTTrainer, {}
@@ -41,7 +44,7 @@ def train_sft(job: Job, out: Path) -> dict:
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
+        train_dataset=Dataset.from_list([training_example("sft", r, tokenizer, plain) for r in rows]),
         processing_class=tokenizer,
         peft_config=peft_config(cfg),
         **extra,
