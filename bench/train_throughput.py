@@ -18,21 +18,22 @@ SFT  TRL defaults      SFTConfig(output_dir, per_device_train_batch_size, max_st
                        report_to="none", seed), plus use_cpu=True on a machine without a GPU (TRL's bf16=True
                        default is refused there otherwise). TRL then uses: bf16 autocast, gradient
                        checkpointing, max_length 1024, no packing, completion-only loss (prompt/completion rows).
-     paft packing=False  what paft.train.sft builds (trainer_args + make_config), the config's default.
-     paft packing=True   ours: TRL's BFD packing, padding-free (each step one flattened row of
-                       batch x max_length tokens with position_ids; transformers gives SDPA a block-diagonal mask).
+     paft defaults (ours)  what paft.train.sft builds (trainer_args + make_config) with the config's defaults:
+                       group_by_length (train_sampling_strategy="group_by_length": batches of similar lengths,
+                       little padding), no packing.
+     paft group_by_length=False  the same with random batches.
+     paft packing=True   TRL's BFD packing, padding-free (each step one flattened row of batch x max_length
+                       tokens with position_ids; on CPU, SDPA attends over the whole row: no gain here).
      paft padding_free=True, packing=False  tried; TRL raises while max_length is set (reported, skipped).
-     * group_by_length   a candidate, not a paft option: paft packing=False + TrainingArguments
-                       train_sampling_strategy="group_by_length" (batches of similar lengths, little padding).
 DPO  TRL defaults      DPOConfig with the same few arguments, ref_model=None + peft config (the reference is the
                        base with the adapter disabled: one extra no-grad forward per step).
-     paft precompute=False  what paft.train.align._trainer builds, the config's default.
-     paft precompute=True   ours: TRL computes the reference log-probs of every pair once before training.
-                       Its time is reported apart and charged to the steps in two extra rows: each pair
-                       trained once (1 epoch, the worst case) and over the epochs of paft's default run.
+     paft defaults (ours)  what paft.train.align._trainer builds with the config's defaults: precomputed
+                       reference log-probs (TRL computes them for every pair once before training; that time is
+                       reported apart and charged to the steps in two extra rows: each pair trained once, the
+                       worst case, and over the epochs of paft's default run) and group_by_length (a "length"
+                       column from paft's row check, kept with remove_unused_columns=False).
+     paft precompute=False / group_by_length=False  each of the two switched off.
      paft padding_free=True  tried; TRL 1.16's DPOTrainer turns it off (falls back to padding; skipped).
-     * precompute + group_by_length  a candidate: as above, plus train_sampling_strategy="group_by_length"
-                       (needs a "length" column and remove_unused_columns=False: DPO rows have no input_ids).
      * bf16 autocast   candidates for both trainers with --candidates all: paft's settings plus bf16=True
                        (mixed precision over fp32 weights, as in TRL's defaults; paft enables it only with
                        bf16 weights, dtype: bfloat16).
@@ -70,16 +71,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed, if installed, logs its accelerator probe otherwise
+if not Path("/dev/nvidia0").exists():  # deepspeed, if installed, logs its accelerator probe otherwise
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 AIM = 1.3
 SIZES = {  # TinyModelConfig fields
     "tiny": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, vocab_size=1024),
     "small": dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, vocab_size=2048),
 }
-GROUPED = {"train_sampling_strategy": "group_by_length"}
 CPU_ONLY = False  # set in main(): TRL's bf16=True default needs use_cpu=True on a machine without a GPU
-CANDIDATES = {"none": (), "length": ("length",), "all": ("length", "bf16")}
+CANDIDATES = {"none": (), "all": ("bf16",)}
 
 
 def grouping_window(n: int, batch_size: int) -> int:
@@ -346,13 +347,11 @@ def sft_settings(model_dir: Path, work: Path, rows: list[dict], batch_size: int,
 
     return [
         ("TRL defaults", trl_default, "base"),
-        ("paft packing=False (config default)", paft("plain", packing=False, padding_free=False), "info"),
-        ("paft packing=True (ours)", paft("packed", packing=True, padding_free=True), "ours"),
-        ("paft padding_free=True, packing=False", paft("pf", packing=False, padding_free=True), "probe"),
-        ("* paft packing=False + group_by_length", paft("grouped", GROUPED, packing=False, padding_free=False), "length"),
-        ("* paft packing=False + bf16 autocast", paft("bf16", bf16_args(), packing=False, padding_free=False), "bf16"),
-        ("* paft packing=False + group_by_length + bf16",
-         paft("both", {**GROUPED, **bf16_args()}, packing=False, padding_free=False), "bf16"),
+        ("paft defaults: group_by_length (ours)", paft("grouped"), "ours"),
+        ("paft group_by_length=False", paft("plain", group_by_length=False), "info"),
+        ("paft packing=True", paft("packed", packing=True, group_by_length=False), "info"),
+        ("paft padding_free=True, packing=False", paft("pf", padding_free=True), "probe"),
+        ("* paft defaults + bf16 autocast", paft("bf16", bf16_args()), "bf16"),
     ]
 
 
@@ -384,10 +383,10 @@ def dpo_settings(model_dir: Path, work: Path, batch_size: int, lr: float):
                 cfg = job.cfg
                 tokenizer, model = load_model(job.base, job.dtype, job.trust_remote_code)
                 if extra_args is None:  # paft.train.align builds the trainer with _trainer(job, model, tokenizer, dataset)
-                    dataset = Dataset.from_list([{k: r[k] for k in keep} for r in data])
+                    dataset = Dataset.from_list([{k: r[k] for k in (*keep, "length")} for r in data])
                     return paft_align_trainer(job, model, tokenizer, dataset)
                 # a candidate: _trainer's DPO branch with ``extra_args`` over paft's arguments
-                cols = keep + ("length",) if extra_args.get("train_sampling_strategy") == "group_by_length" else keep
+                cols = keep + ("length",) if cfg["group_by_length"] else keep
                 args = make_config(DPOConfig, **{**trainer_args(job), **extra_args}, beta=cfg["beta"],
                                    loss_type=[cfg["loss_type"]], label_smoothing=cfg["label_smoothing"],
                                    precompute_ref_log_probs=cfg["precompute_ref_log_probs"])
@@ -399,15 +398,11 @@ def dpo_settings(model_dir: Path, work: Path, batch_size: int, lr: float):
 
     return [
         ("TRL defaults", trl_default, "base"),
-        ("paft precompute=False (config default)", paft("plain", precompute_ref_log_probs=False), "info"),
-        ("paft precompute=True (ours)", paft("pre", precompute_ref_log_probs=True), "ours"),
+        ("paft defaults: precompute + group_by_length (ours)", paft("pre"), "ours"),
+        ("paft precompute=False", paft("plain", precompute_ref_log_probs=False), "info"),
+        ("paft group_by_length=False", paft("ungrouped", group_by_length=False), "info"),
         ("paft padding_free=True", paft("pf", padding_free=True), "probe"),
-        # DPO rows have no input_ids: group_by_length reads a "length" column, which must survive the column pruning
-        ("* paft precompute=True + group_by_length",
-         paft("grouped", {**GROUPED, "remove_unused_columns": False}, precompute_ref_log_probs=True), "length"),
-        ("* paft precompute=True + bf16 autocast", paft("bf16", bf16_args(), precompute_ref_log_probs=True), "bf16"),
-        ("* paft precompute=True + group_by_length + bf16",
-         paft("both", {**GROUPED, "remove_unused_columns": False, **bf16_args()}, precompute_ref_log_probs=True), "bf16"),
+        ("* paft defaults + bf16 autocast", paft("bf16", bf16_args()), "bf16"),
     ]
 
 
@@ -420,7 +415,7 @@ def bench(settings, a, total: int, slices: list[list[dict]], pairs: bool, label:
             if why:
                 notes.append(f"'{name}' skipped: {why}")
                 continue
-        if role in ("length", "bf16"):
+        if role == "bf16":
             if role not in CANDIDATES[a.candidates]:
                 continue
             role = "candidate"
@@ -455,10 +450,10 @@ def best_candidate(runs: dict[str, Run], roles: dict[str, str], base: Run, preco
     cand = [n for n, role in roles.items() if role == "candidate"]
     if not cand:
         return ""
-    tok_s = lambda r: r.with_precompute(1.0)[0] if precompute else r.tok_s  # noqa: E731
-    best = max(cand, key=lambda n: tok_s(runs[n]))
-    return f" [best candidate: '{best.lstrip('* ')}' {tok_s(runs[best]) / base.tok_s:.2f}x" + \
-        (" incl. precompute]" if precompute else "]")
+    best = max(cand, key=lambda n: runs[n].tok_s)
+    r = runs[best]
+    pre = f", {r.with_precompute(1.0)[0] / base.tok_s:.2f}x incl. precompute" if precompute else ""
+    return f" [best candidate: '{best.lstrip('* ')}' {r.tok_s / base.tok_s:.2f}x{' per step' if precompute else ''}{pre}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (1: what paft gives each of its two parallel jobs on 2 cores)")
     p.add_argument("--long-frac", type=float, default=0.3, help="share of rows with a long context (0.3)")
     p.add_argument("--only", choices=["sft", "dpo"], help="run one trainer only")
-    p.add_argument("--candidates", choices=sorted(CANDIDATES), default="length",
-                   help="'*' rows, changes paft does not have: none, length (group_by_length, the default) or all "
-                        "(also bf16 autocast, alone and with group_by_length; adds ~1-2 min)")
+    p.add_argument("--candidates", choices=sorted(CANDIDATES), default="none",
+                   help="'*' rows, changes paft does not have: none (default) or all (bf16 autocast; adds ~1 min)")
     p.add_argument("--quick", action="store_true", help="a smoke run under 2 min: 2 rounds of 1 warmup + 2 timed steps")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -514,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         a.seed, n_sft=300 if a.quick else 600, n_pref=a.rounds * n_pairs, long_frac=a.long_frac,
         max_length=max_len, vocab_size=SIZES[a.model_size]["vocab_size"])
     for row, n in zip(pref_rows, pref_len):
-        row["length"] = n  # for the group_by_length candidate only; the other settings drop it
+        row["length"] = n  # read by group_by_length (paft's default); the other settings drop it
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="paft-bench-") as tmp:
@@ -548,19 +542,19 @@ def main(argv: list[str] | None = None) -> int:
         notes = notes + ([cand_note] if "candidate" in roles.values() else [])
         table("SFT (completion-only loss; ex = sequences; pad % = padding share of the input positions)",
               runs, roles, "ex", notes)
-        ours, base = runs["paft packing=True (ours)"], runs["TRL defaults"]
+        ours, base = runs[next(n for n, r in roles.items() if r == "ours")], runs["TRL defaults"]
         ratio = ours.tok_s / base.tok_s
         verdicts.append(f"SFT {ratio:.2f}x ({'met' if ratio >= AIM else 'NOT met'}){best_candidate(runs, roles, base)}")
     if "dpo" in results:
         runs, roles, notes = results["dpo"]
-        ours, base = runs["paft precompute=True (ours)"], runs["TRL defaults"]
+        ours, base = runs[next(n for n, r in roles.items() if r == "ours")], runs["TRL defaults"]
         n_default = params.data.sources[0].n_preference if params.data.sources[0].kind == "synthetic" else 400
         epochs = align_cfg.max_steps * align_cfg.batch_size / n_default
-        extra = [("  ours incl. precompute, 1 epoch", *ours.with_precompute(1.0)),
+        extra = [("  ours incl. precompute, 1 epoch", *ours.with_precompute(1.0)),  # each pair trained once
                  (f"  ours incl. precompute, {epochs:g} epochs", *ours.with_precompute(epochs))]
         cand = [n for n, role in roles.items() if role == "candidate"]
         for n in cand:
-            extra.append((f"  {n.split('precompute=True + ', 1)[-1]} incl. precompute, 1 epoch", *runs[n].with_precompute(1.0)))
+            extra.append((f"  * {n.split('precompute=True + ', 1)[-1]}, incl. precompute", *runs[n].with_precompute(1.0)))
         notes = notes + [
             f"precompute (ours): {ours.precompute_s:.1f} s for {ours.precompute_pairs} pairs "
             f"({1000 * ours.precompute_s / max(ours.precompute_pairs, 1):.0f} ms/pair, weight hash included), not in the "
@@ -568,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             f"'{epochs:g} epochs' = paft's default align run ({align_cfg.max_steps} steps x batch {align_cfg.batch_size} "
             f"over {n_default} pairs): the precompute once per pair, the steps once per epoch",
         ] + ([cand_note] if cand else [])
-        if any("group_by_length" in n for n in cand):
+        if True:  # ours groups by length
             notes.append(f"group_by_length sorts lengths within megabatches of min(50, n/(4*batch))*batch rows; with "
                          f"the {n_pairs} pairs of a round here that is {grouping_window(n_pairs, a.batch_size)} pairs, "
                          f"with paft's {n_default} pairs {grouping_window(n_default, a.batch_size)}: it groups better "

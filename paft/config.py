@@ -114,7 +114,8 @@ class TrainConfig(Section):
     save_steps: PosInt = 50  # checkpoint every N optimizer steps; a rerun of a killed job resumes from the last one
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraConfig = LoraConfig()
-    packing: bool = False  # SFT only: pack examples into rows of max_length (no padding)
+    packing: bool = False  # SFT only: pack examples into rows of max_length (no padding; pays with flash attention)
+    group_by_length: bool = True  # batches of similar lengths (little padding): 2.4x SFT, 1.6x DPO tokens/s on CPU
     padding_free: bool = False  # flatten the batch, no padding tokens (needs flash attention on GPU)
     gradient_checkpointing: bool = False
     deepspeed: str | None = None  # a DeepSpeed JSON config (e.g. infra/deepspeed/zero2.json), passed to the trainer
@@ -144,7 +145,7 @@ class AlignConfig(TrainConfig):
     beta: PosFloat = 0.1
     loss_type: Literal[DPO_LOSSES] = "sigmoid"  # DPO's loss (TRL loss types: sigmoid = DPO, ipo, hinge = SLiC, robust ...)
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # for robust / cDPO
-    precompute_ref_log_probs: bool = False  # DPO: one pass of the reference first, then no reference forward per step
+    precompute_ref_log_probs: bool = True  # DPO: one pass of the reference first, then no reference forward per step
     lr: PosFloat = 5e-4
 
 

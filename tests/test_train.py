@@ -39,7 +39,7 @@ def test_bad_rows_are_dropped_and_counted_when_configured():
         {"prompt": "p " * 80, "chosen": "a", "rejected": "b"},
     ]
     kept, dropped = check_rows("preference", rows, "pref.jsonl", TOK, 64, "drop")
-    assert kept == rows[:1]
+    assert kept == [{**rows[0], "length": 2}]  # prompt + longest answer, in tokens
     assert dropped == {"missing_field": 1, "empty_chosen": 1, "empty_rejected": 1, "chosen_equals_rejected": 1, "too_long": 1}
     with pytest.raises(DataError, match=r"row 1: .* longer than max_length 64"):
         check_rows("sft", [{"prompt": "p " * 80, "completion": "c"}], "sft.jsonl", TOK, 64, "error")

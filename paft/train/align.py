@@ -18,15 +18,17 @@ from paft.train.rows import check_rows
 def _trainer(job: Job, model, tokenizer, dataset):
     cfg = job.cfg
     common = dict(model=model, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config(cfg))
+    # grouping by length reads the rows' "length" column, which must survive the trainer's column pruning
+    args = {**trainer_args(job), "remove_unused_columns": not cfg["group_by_length"]}
     if cfg["method"] == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        return ORPOTrainer(args=make_config(ORPOConfig, **trainer_args(job), beta=cfg["beta"]), **common)
+        return ORPOTrainer(args=make_config(ORPOConfig, **args, beta=cfg["beta"]), **common)
     from trl import DPOConfig, DPOTrainer
 
     args = make_config(
         DPOConfig,
-        **trainer_args(job),
+        **args,
         beta=cfg["beta"],
         loss_type=[cfg["loss_type"]],
         label_smoothing=cfg["label_smoothing"],
@@ -45,7 +47,7 @@ def train_align(job: Job, out: Path) -> dict:
     tokenizer, model = load_model(job.base, job.dtype, job.trust_remote_code)
     rows, dropped = check_rows("preference", read_jsonl(job.data), job.data, tokenizer, cfg["max_length"], cfg["bad_rows"],
                                render=lambda p: format_prompt(p, tokenizer))
-    dataset = Dataset.from_list([training_example("preference", r, tokenizer) for r in rows])
+    dataset = Dataset.from_list([{**training_example("preference", r, tokenizer), "length": r["length"]} for r in rows])
     trainer = _trainer(job, model, tokenizer, dataset)
     resumed = train_and_save(trainer, tokenizer, job, out)
     rewards = [h for h in trainer.state.log_history if "rewards/accuracies" in h]

@@ -80,6 +80,7 @@ def trainer_args(job: Job) -> dict:
         bf16=job.dtype == "bfloat16",
         fp16=job.dtype == "float16",
         padding_free=cfg["padding_free"],
+        train_sampling_strategy="group_by_length" if cfg["group_by_length"] else "random",
         gradient_checkpointing=cfg["gradient_checkpointing"],
         deepspeed=cfg["deepspeed"],
     )

@@ -29,7 +29,8 @@ def row_problem(kind: str, row: dict, lengths: dict[str, int] | None, max_length
 
 def check_rows(kind: str, rows: list[dict], path: str, tokenizer, max_length: int, policy: str,
                render=lambda prompt: prompt) -> tuple[list[dict], dict]:
-    """Rows without problems, and the count of dropped rows per reason. ``policy`` "error" raises on the first one.
+    """Rows without problems (each with its ``length`` in tokens), and the count of dropped rows per reason.
+    ``policy`` "error" raises on the first one.
     ``render`` turns a prompt into the text the model sees, for the length check."""
     kept, dropped = [], Counter()
     for i, row in enumerate(rows, 1):
@@ -39,7 +40,7 @@ def check_rows(kind: str, rows: list[dict], path: str, tokenizer, max_length: in
             lengths = {f: len(tokenizer(t, add_special_tokens=False)["input_ids"]) for f, t in texts.items()}
         problem = row_problem(kind, row, lengths, max_length)
         if problem is None:
-            kept.append(row)
+            kept.append({**row, "length": lengths["prompt"] + max(lengths[f] for f in FIELDS[kind][1:])})
         elif policy == "error":
             raise DataError(f"{path}: row {i}: {problem[1]} (set bad_rows: drop to drop such rows, counted)")
         else:
