@@ -18,21 +18,21 @@ SFT  TRL defaults      SFTConfig(output_dir, per_device_train_batch_size, max_st
                        report_to="none", seed), plus use_cpu=True on a machine without a GPU (TRL's bf16=True
                        default is refused there otherwise). TRL then uses: bf16 autocast, gradient
                        checkpointing, max_length 1024, no packing, completion-only loss (prompt/completion rows).
-     paft defaults (ours)  what paft.train.sft builds (trainer_args + make_config) with the config's defaults:
+     paft group_by_length=True (ours)  what paft.train.sft builds (trainer_args + make_config) with
                        group_by_length (train_sampling_strategy="group_by_length": batches of similar lengths,
                        little padding), no packing.
-     paft group_by_length=False  the same with random batches.
+     paft defaults      the same with random batches (the config's default: better learning on tiny data).
      paft packing=True   TRL's BFD packing, padding-free (each step one flattened row of batch x max_length
                        tokens with position_ids; on CPU, SDPA attends over the whole row: no gain here).
      paft padding_free=True, packing=False  tried; TRL raises while max_length is set (reported, skipped).
 DPO  TRL defaults      DPOConfig with the same few arguments, ref_model=None + peft config (the reference is the
                        base with the adapter disabled: one extra no-grad forward per step).
-     paft defaults (ours)  what paft.train.align._trainer builds with the config's defaults: precomputed
+     paft precompute + group_by_length (ours)  what paft.train.align._trainer builds with precomputed
                        reference log-probs (TRL computes them for every pair once before training; that time is
                        reported apart and charged to the steps in two extra rows: each pair trained once, the
                        worst case, and over the epochs of paft's default run) and group_by_length (a "length"
                        column from paft's row check, kept with remove_unused_columns=False).
-     paft precompute=False / group_by_length=False  each of the two switched off.
+     paft defaults: precompute, random batches; paft precompute=False, random batches.
      paft padding_free=True  tried; TRL 1.16's DPOTrainer turns it off (falls back to padding; skipped).
      * bf16 autocast   candidates for both trainers with --candidates all: paft's settings plus bf16=True
                        (mixed precision over fp32 weights, as in TRL's defaults; paft enables it only with
@@ -347,11 +347,11 @@ def sft_settings(model_dir: Path, work: Path, rows: list[dict], batch_size: int,
 
     return [
         ("TRL defaults", trl_default, "base"),
-        ("paft defaults: group_by_length (ours)", paft("grouped"), "ours"),
-        ("paft group_by_length=False", paft("plain", group_by_length=False), "info"),
-        ("paft packing=True", paft("packed", packing=True, group_by_length=False), "info"),
+        ("paft group_by_length=True (ours)", paft("grouped", group_by_length=True), "ours"),
+        ("paft defaults (random batches)", paft("plain"), "info"),
+        ("paft packing=True", paft("packed", packing=True), "info"),
         ("paft padding_free=True, packing=False", paft("pf", padding_free=True), "probe"),
-        ("* paft defaults + bf16 autocast", paft("bf16", bf16_args()), "bf16"),
+        ("* ours + bf16 autocast", paft("bf16", bf16_args(), group_by_length=True), "bf16"),
     ]
 
 
@@ -398,11 +398,11 @@ def dpo_settings(model_dir: Path, work: Path, batch_size: int, lr: float):
 
     return [
         ("TRL defaults", trl_default, "base"),
-        ("paft defaults: precompute + group_by_length (ours)", paft("pre"), "ours"),
-        ("paft precompute=False", paft("plain", precompute_ref_log_probs=False), "info"),
-        ("paft group_by_length=False", paft("ungrouped", group_by_length=False), "info"),
+        ("paft precompute + group_by_length (ours)", paft("pre", group_by_length=True), "ours"),
+        ("paft defaults: precompute, random batches", paft("ungrouped"), "info"),
+        ("paft precompute=False, random batches", paft("plain", precompute_ref_log_probs=False), "info"),
         ("paft padding_free=True", paft("pf", padding_free=True), "probe"),
-        ("* paft defaults + bf16 autocast", paft("bf16", bf16_args()), "bf16"),
+        ("* ours + bf16 autocast", paft("bf16", bf16_args(), group_by_length=True), "bf16"),
     ]
 
 

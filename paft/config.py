@@ -115,7 +115,9 @@ class TrainConfig(Section):
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraConfig = LoraConfig()
     packing: bool = False  # SFT only: pack examples into rows of max_length (no padding; pays with flash attention)
-    group_by_length: bool = True  # batches of similar lengths (little padding): 2.4x SFT, 1.6x DPO tokens/s on CPU
+    # batches of similar lengths (little padding): 2.2x SFT, 1.6x DPO tokens/s on CPU (bench/train_throughput.py);
+    # off by default: on small data the batches become homogeneous and the tiny default learns worse
+    group_by_length: bool = False
     padding_free: bool = False  # flatten the batch, no padding tokens (needs flash attention on GPU)
     gradient_checkpointing: bool = False
     deepspeed: str | None = None  # a DeepSpeed JSON config (e.g. infra/deepspeed/zero2.json), passed to the trainer
