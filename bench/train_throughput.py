@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         a.seed, n_sft=300 if a.quick else 600, n_pref=a.rounds * n_pairs, long_frac=a.long_frac,
         max_length=max_len, vocab_size=SIZES[a.model_size]["vocab_size"])
     for row, n in zip(pref_rows, pref_len):
-        row["length"] = n  # read by group_by_length (paft's default); the other settings drop it
+        row["length"] = n  # read by group_by_length (ours); the other settings drop it
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="paft-bench-") as tmp:
