@@ -106,19 +106,25 @@ def lora_deltas(
     return deltas
 
 
-def _read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
+def adapter_files(adapter_dir: Path) -> tuple[dict, Path]:
+    """The adapter's config and weights file, refusing what a merge of B·A·scale deltas cannot represent."""
     cfg = read_json(adapter_dir / ADAPTER_CONFIG)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise PaftError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for key in ("use_dora", "target_parameters", "trainable_token_indices", "layer_replication"):
         if cfg.get(key):
-            raise PaftError(f"{adapter_dir}: adapter_config {key}={cfg[key]!r} is not supported by the merge")
+            raise PaftError(f"{adapter_dir}: adapter_config {key}={cfg[key]!r} is not supported")
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise PaftError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    return cfg, weights_path
+
+
+def _read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg, weights_path = adapter_files(adapter_dir)
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}

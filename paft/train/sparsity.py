@@ -39,13 +39,12 @@ import numpy as np
 import torch
 
 from paft.errors import PaftError
-from paft.io import atomic_dir, read_json, write_json
+from paft.io import atomic_dir, write_json
 from paft.merge.deltas import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     PEFT_PREFIX,
     _LORA_PARTS,
     _scale,
+    adapter_files,
     is_adapter,
     missing_in_base,
     weight_files,
@@ -120,15 +119,7 @@ def _adapter_items(base: _Folder, adapter_dir: Path, stack: contextlib.ExitStack
     """The deltas of a LoRA adapter, as :func:`paft.merge.deltas.lora_deltas` computes them, one at a time."""
     from safetensors import safe_open
 
-    cfg = read_json(adapter_dir / ADAPTER_CONFIG)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise PaftError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    for key in ("use_dora", "target_parameters", "trainable_token_indices", "layer_replication"):
-        if cfg.get(key):
-            raise PaftError(f"{adapter_dir}: adapter_config {key}={cfg[key]!r} is not supported")
-    weights_path = adapter_dir / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise PaftError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    cfg, weights_path = adapter_files(adapter_dir)
     f = stack.enter_context(safe_open(str(weights_path), framework="pt"))
 
     def shape(key: str) -> tuple[int, ...]:
