@@ -16,7 +16,10 @@ def _params(args):
 
 
 def cmd_run(args) -> int:
-    _params(args)  # validate before Prefect starts: a bad value costs nothing
+    from paft.tracking import check_reachable
+
+    params = _params(args)  # validate before Prefect starts: a bad value costs nothing
+    check_reachable(params.tracking_uri)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging

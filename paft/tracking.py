@@ -16,6 +16,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from paft.config import Params
+from paft.errors import PaftError
 
 PARAM_LIMIT = 6000  # characters MLflow keeps of a param value
 
@@ -28,8 +29,25 @@ def git_commit(cwd: str | Path) -> str:
         return "unknown"
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Stop early, with one clear line, when an MLflow tracking server cannot be reached."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            problem = f"HTTP {r.status}"
+    except OSError as e:
+        problem = str(getattr(e, "reason", e))
+    raise PaftError(f"tracking.uri: MLflow tracking server {uri} is unreachable ({problem}); start it or change tracking.uri")
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_location: str | Path | None = None):
+        check_reachable(uri)
         self.uri = uri
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)

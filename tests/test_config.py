@@ -62,3 +62,19 @@ def test_cli_bad_params_one_line_nonzero_exit_no_outputs(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "evaluate.batch_size" in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_unreachable_tracking_server_stops_the_run_before_any_work(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    path = tmp_path / "params.yaml"
+    path.write_text(f"tracking:\n  uri: http://127.0.0.1:{port}\n")
+    proc = subprocess.run([sys.executable, "-m", "paft.cli", "run", "--params", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"http://127.0.0.1:{port}" in lines[0] and "unreachable" in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
