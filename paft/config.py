@@ -219,6 +219,10 @@ class TrackingConfig(Section):
     register_models: bool = True
     model_name: str = "paft-model"
     rec_model_name: str = "paft-rec"
+    # a new version becomes `champion` only when it beats the current one on this metric (higher is better),
+    # else `challenger`: the merged model on its evaluation row, REC on its held-out quality
+    promote_metric: str = "task_em"
+    rec_promote_metric: str = "rec_rating_accuracy"
 
 
 class PathsConfig(Section):

@@ -114,11 +114,12 @@ class Tracker:
         self.client.log_text(run_id, text, name)
 
     # ------------------------------------------------------------------ registry
-    def register(self, run_id: str, artifact_path: str, name: str, tags: dict | None = None) -> dict:
-        """Register ``runs:/run_id/artifact_path`` as a new version of ``name``.
+    def register(self, run_id: str, artifact_path: str, name: str, tags: dict | None = None,
+                 score: float | None = None, higher_is_better: bool = True) -> dict:
+        """Register ``runs:/run_id/artifact_path`` as a new version of ``name`` and place it.
 
-        The first version gets alias ``champion``; later ones get ``challenger`` (promotion by
-        comparison against the champion is the job of the promotion step).
+        The first version becomes ``champion``. A later one takes ``champion`` only when its ``score``
+        (kept as the version's tag ``score``) beats the champion's; otherwise it becomes ``challenger``.
         """
         from mlflow.exceptions import MlflowException
 
@@ -127,15 +128,24 @@ class Tracker:
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        tags = {**(tags or {}), **({"score": repr(float(score))} if score is not None else {})}
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         try:
-            self.client.get_model_version_by_alias(name, "champion")
-            alias = "challenger"
+            champion = self.client.get_model_version_by_alias(name, "champion")
         except MlflowException:
+            champion = None
+        best = champion.tags.get("score") if champion else None
+        if champion is None:
             alias = "champion"
+        elif score is not None and best is not None:
+            better = float(score) > float(best) if higher_is_better else float(score) < float(best)
+            alias = "champion" if better else "challenger"
+        else:
+            alias = "challenger"  # nothing to compare: the champion stays
         self.client.set_registered_model_alias(name, alias, mv.version)
-        return {"name": name, "version": int(mv.version), "alias": alias}
+        return {"name": name, "version": int(mv.version), "alias": alias,
+                "champion_score": float(best) if best is not None else None}
 
     def ui_command(self) -> str:
         exe = Path(sys.executable).with_name("mlflow")

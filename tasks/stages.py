@@ -135,6 +135,14 @@ def evaluate(params: Params, candidates: list[dict], rec: dict, data: dict, run_
     return results
 
 
+def _score(results: dict, row: str, key: str, metric: str) -> float:
+    from paft.errors import ConfigError
+
+    if metric not in results.get(row, {}):
+        raise ConfigError(f"tracking.{key}: {metric!r} is not a metric of {row} (known: {', '.join(sorted(results.get(row, {})))})")
+    return results[row][metric]
+
+
 @task(name="report", cache_policy=NO_CACHE)
 def report(params: Params, results: dict, merged: dict, rec: dict, data: dict, parent_id: str) -> dict:
     """Results table (MLflow + Prefect artifact) and model registration."""
@@ -149,10 +157,13 @@ def report(params: Params, results: dict, merged: dict, rec: dict, data: dict, p
     registered = {}
     if params.tracking.register_models:
         tags = {"data_version": data["data_version"]}
-        main = merged[params.merge.methods[0]]
-        registered["model"] = tracker.register(main["run_id"], "model", params.tracking.model_name,
-                                               tags | {"merge_method": params.merge.methods[0]})
-        registered["rec"] = tracker.register(rec["run_id"], "model", params.tracking.rec_model_name, tags)
+        method = params.merge.methods[0]
+        t = params.tracking
+        registered["model"] = tracker.register(merged[method]["run_id"], "model", t.model_name,
+                                               tags | {"merge_method": method},
+                                               score=_score(results, f"paft_{method}", "promote_metric", t.promote_metric))
+        registered["rec"] = tracker.register(rec["run_id"], "model", t.rec_model_name, tags,
+                                             score=_score(results, "rec", "rec_promote_metric", t.rec_promote_metric))
     create_markdown_artifact(markdown=f"# PAFT results\n\nMLflow parent run `{parent_id}`\n\n{table}",
                              key="paft-results", description="Candidate comparison")
     return {"table": table, "registered": registered}
