@@ -44,11 +44,12 @@ def paft(params_path: str = "params.yaml", overrides: list[str] | None = None) -
         merged = stages.merge(params, base, sft, align, str(run_dir), parent)
         rec_start = merged[params.merge.methods[0]]["path"] if params.rec.base == "merged" else base["path"]
         rec = stages.train_rec(params, rec_start, data, str(run_dir), parent)
+        seq = seq_f.result() if seq_f else None
         candidates = [
             {"name": "base", "path": base["path"]},
             candidate("sft", base["path"], sft["path"]),
             candidate("align", base["path"], align["path"]),
-            *([candidate("sequential", seq_f.result()["start_model"], seq_f.result()["path"])] if seq_f else []),
+            *([candidate("sequential", seq["start_model"], seq["path"])] if seq else []),
             *({"name": f"paft_{m}", "path": v["path"]} for m, v in merged.items()),
         ]
         results = stages.evaluate(params, candidates, rec, data, str(run_dir), parent)

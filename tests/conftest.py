@@ -62,3 +62,22 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def save_lora_adapter(model, path, seed: int = 0, random_b: bool = True, **lora_kwargs):
+    """Wrap ``model`` in a LoRA (r 4, all-linear unless overridden), give B (and any trained full module)
+    random nonzero values when ``random_b`` (peft starts B at zero), save the adapter in ``path``; returns
+    the peft model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} | lora_kwargs))
+    if random_b:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name or "lora_embedding" in name or "modules_to_save" in name:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(path)
+    return model

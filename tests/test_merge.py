@@ -157,18 +157,9 @@ def load(path):
 
 def make_adapter(base_dir, path, seed, **lora_kwargs):
     """Save a LoRA adapter with random nonzero B (and trained full modules, if any); return peft's merge."""
-    from peft import LoraConfig, get_peft_model
+    from tests.conftest import save_lora_adapter
 
-    torch.manual_seed(seed)
-    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} | lora_kwargs)
-    model = get_peft_model(load(base_dir), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding" in name or "modules_to_save" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(path)
-    return model.merge_and_unload().eval()
+    return save_lora_adapter(load(base_dir), path, seed, **lora_kwargs).merge_and_unload().eval()
 
 
 def weights_of(path):

@@ -62,19 +62,12 @@ def full_copy(base_dir, path, edit):
 
 
 def adapter(base_dir, path, *, seed=0, random_b=False, **lora_kwargs):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
+    from tests.conftest import save_lora_adapter
+
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} | lora_kwargs))
-    if random_b:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name or "lora_embedding_B" in name or "modules_to_save" in name:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(path)
+    save_lora_adapter(model, path, seed, random_b, **lora_kwargs)
     return path
 
 

@@ -20,8 +20,7 @@ def merge_adapter(base: str, folder: Path, dtype: str = "float32", trust_remote_
     tokenizer, model = merged_model(base, folder, dtype, trust_remote_code)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (folder / name).unlink(missing_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    _save(tokenizer, model, folder)
 
 
 def is_adapter(folder: str | Path) -> bool:
@@ -37,6 +36,10 @@ def model_folder(base: str, trained: str | Path, out: str | Path, dtype: str = "
         return str(trained)
     tokenizer, model = merged_model(base, trained, dtype, trust_remote_code)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _save(tokenizer, model, tmp)
     return str(out)
+
+
+def _save(tokenizer, model, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
