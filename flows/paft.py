@@ -19,6 +19,8 @@ def paft(params_path: str = "params.yaml", overrides: list[str] | None = None, o
     """The whole pipeline. ``only_if_new_data`` (deployment ``paft/retrain``): prepare the data first and stop
     there when its version is the one recorded on the current champion model."""
     params = load_params(params_path, overrides)  # a bad value stops here, before any work
+    if params.orchestration.mode == "deployments":
+        stages.check_train_deployment(params)
     if only_if_new_data:
         check = stages.check_data(params)
         if check["data_version"] == check["champion_data_version"]:
@@ -40,16 +42,19 @@ def paft(params_path: str = "params.yaml", overrides: list[str] | None = None, o
         tracker.log_params(parent, params.flat())
         data = stages.prepare_data(params, parent)
         base = stages.base_model(params, data, parent)
-        # the PAFT fan-out: SFT and alignment train at the same time, from the same base
-        sft_f = stages.train_sft.submit(params, base, data, str(run_dir), parent)
-        align_f = stages.train_align.submit(params, base, data, str(run_dir), parent)
+        # the PAFT fan-out: SFT and alignment train at the same time, from the same base (orchestration.mode:
+        # here, or each as a flow run on the training work pool)
+        inputs = {"data": data, "run_dir": str(run_dir), "parent_id": parent}
+        sft_f = stages.train.submit(params, "sft", inputs | {"base": base})
+        align_f = stages.train.submit(params, "align", inputs | {"base": base})
+        sft = sft_f.result()
         # the baseline PAFT replaces: alignment after SFT, from the SFT model (starts when SFT ends)
-        seq_f = stages.train_sequential.submit(params, base, sft_f, data, str(run_dir), parent) if params.train.sequential else None
-        sft, align = sft_f.result(), align_f.result()
+        seq_f = stages.train.submit(params, "sequential", inputs | {"base": base, "sft": sft}) if params.train.sequential else None
+        align = align_f.result()
         sparsity_f = stages.sparsity.submit(params, base, {"sft": sft, "align": align}, str(run_dir), parent)
         merged = stages.merge(params, base, sft, align, str(run_dir), parent)
         rec_start = merged[params.merge.methods[0]]["path"] if params.rec.base == "merged" else base["path"]
-        rec = stages.train_rec(params, rec_start, data, str(run_dir), parent)
+        rec = stages.train(params, "rec", inputs | {"start_from": rec_start})
         seq = seq_f.result() if seq_f else None
         candidates = [
             {"name": "base", "path": base["path"]},

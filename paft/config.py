@@ -282,6 +282,19 @@ class ResourcesConfig(Section):
     python: str | None = None  # interpreter for training subprocesses; default: the current one
 
 
+class OrchestrationConfig(Section):
+    # local: SFT and alignment run side by side in this flow run's task runner (subprocesses on this machine);
+    # deployments: each training job is a flow run of `train_deployment` on its work pool (`run_deployment`), so the
+    # jobs land on separate (GPU) workers. paths.output_dir and result_storage must then be on storage every worker sees.
+    mode: Literal["local", "deployments"] = "local"
+    train_deployment: str = "paft-train/gpu"  # FLOW/DEPLOYMENT of flows/train.py:paft_train (prefect.yaml)
+    # training tasks cache on their job (stage config, seed, base, upstream outputs), the data version and the code
+    # of paft/ and tasks/; a rerun (e.g. after the merge failed) reuses the finished jobs instead of training again
+    cache: bool = True
+    result_storage: str = ".cache/paft/prefect-results"  # folder of the persisted task results (cache records)
+    result_storage_block: str | None = None  # or a Prefect storage block, e.g. "s3-bucket/paft-results"
+
+
 class TrackingConfig(Section):
     uri: str = "sqlite:///mlruns/mlflow.db"  # relative sqlite paths resolve against the params file's folder
     artifact_location: str = "mlruns/artifacts"  # for local stores; a tracking server keeps its own (e.g. S3)
@@ -312,6 +325,7 @@ class Params(Section):
     rec: RecConfig = RecConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     tracking: TrackingConfig = TrackingConfig()
     root: str = Field(".", exclude=True)  # folder relative paths resolve against (the params file's folder)
 

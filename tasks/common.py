@@ -20,3 +20,12 @@ def stage_run(params: Params, parent_id: str, name: str, tags: dict | None = Non
         tracker.end(run_id, ok=False)
         raise
     tracker.end(run_id)
+
+
+def record_cached(params: Params, parent_id: str, name: str, result: dict) -> None:
+    """A training job reused from an earlier flow run: a child run named like the stage, tagged with the job's run."""
+    tracker = Tracker.from_params(params)
+    run_id = tracker.start(name, parent_id, {"paft.stage": name, "paft.cached_from_run": result.get("run_id", "")})
+    tracker.log_params(run_id, {"path": result["path"]})
+    tracker.log_metrics(run_id, {k: v for k, v in result.items() if k in ("steps", "seconds", "train_loss_first", "train_loss_last")})
+    tracker.end(run_id)

@@ -8,7 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from paft.config import Params
-from tasks.common import stage_run
+from tasks.cache import TrainingCache
+from tasks.common import record_cached, stage_run
 
 
 @task(name="prepare", cache_policy=NO_CACHE)
@@ -55,8 +56,10 @@ def killed(task, task_run, state) -> bool:
     return isinstance(state.data, JobKilled)
 
 
-# a killed job (OOM, preemption) is retried after 10 s, then 60 s; it resumes from its last checkpoint
-RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": killed}
+# a killed job (OOM, preemption) is retried after 10 s, then 60 s; it resumes from its last checkpoint.
+# A finished job is cached (tasks/cache.py): a rerun of the flow reuses it.
+TRAINING = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": killed,
+            "cache_policy": TrainingCache(), "persist_result": True}
 
 
 def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, parent_id: str, name: str | None = None) -> dict:
@@ -76,17 +79,17 @@ def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, par
     return {"path": str(out), "run_id": run_id, **summary}
 
 
-@task(name="train_sft", cache_policy=NO_CACHE, **RETRY)
+@task(name="train_sft", **TRAINING)
 def train_sft(params: Params, base: dict, data: dict, run_dir: str, parent_id: str) -> dict:
     return _train("sft", params, base["path"], Path(data["path"]) / "sft.jsonl", Path(run_dir) / "sft", parent_id)
 
 
-@task(name="train_align", cache_policy=NO_CACHE, **RETRY)
+@task(name="train_align", **TRAINING)
 def train_align(params: Params, base: dict, data: dict, run_dir: str, parent_id: str) -> dict:
     return _train("align", params, base["path"], Path(data["path"]) / "preference.jsonl", Path(run_dir) / "align", parent_id)
 
 
-@task(name="train_sequential", cache_policy=NO_CACHE, **RETRY)
+@task(name="train_sequential", **TRAINING)
 def train_sequential(params: Params, base: dict, sft: dict, data: dict, run_dir: str, parent_id: str) -> dict:
     """The baseline PAFT replaces: alignment starting from the SFT model."""
     from paft.train.export import model_folder
@@ -98,9 +101,85 @@ def train_sequential(params: Params, base: dict, sft: dict, data: dict, run_dir:
     return {**out, "start_model": start}
 
 
-@task(name="train_rec", cache_policy=NO_CACHE, **RETRY)
+@task(name="train_rec", **TRAINING)
 def train_rec(params: Params, start_from: str, data: dict, run_dir: str, parent_id: str) -> dict:
     return _train("rec", params, start_from, Path(data["path"]) / "rec.jsonl", Path(run_dir) / "rec", parent_id)
+
+
+STAGES = {"sft": train_sft, "align": train_align, "sequential": train_sequential, "rec": train_rec}
+
+
+def result_storage(params: Params):
+    """Where the training tasks persist their results (the cache records): a folder, or a Prefect storage block."""
+    o = params.orchestration
+    return o.result_storage_block or params.path(o.result_storage).resolve()
+
+
+def run_training(params: Params, stage: str, inputs: dict) -> dict:
+    """Training stage ``stage`` ("sft", "align", "sequential", "rec") in this process. A job an earlier flow run
+    finished with the same key is reused and recorded as a child MLflow run pointing at the job's own run;
+    if its output folder has been removed since, the job trains again."""
+    job = STAGES[stage].with_options(result_storage=result_storage(params))
+    state = job(params, **inputs, return_state=True)
+    result = state.result()
+    if state.name == "Cached":
+        if (Path(result["path"]) / "summary.json").is_file():
+            print(f"{job.name}: reusing the finished job {result['path']}")
+            record_cached(params, inputs["parent_id"], job.name, result)
+        else:
+            print(f"{job.name}: the cached output {result['path']} is gone; training again")
+            result = job.with_options(refresh_cache=True)(params, **inputs)
+    return result
+
+
+def result_file(run_dir: str, stage: str) -> Path:
+    """Where a training flow run of deployments mode leaves its result for the parent."""
+    return Path(run_dir) / f"{stage}.result.json"
+
+
+def run_training_deployment(params: Params, stage: str, inputs: dict) -> dict:
+    """Training stage ``stage`` as a flow run of ``orchestration.train_deployment`` (on its work pool's workers);
+    waits for it and reads the result it leaves in the run folder (storage the workers share)."""
+    from prefect.deployments import run_deployment
+
+    from paft.errors import StageError
+    from paft.io import read_json
+
+    name = params.orchestration.train_deployment
+    result_file(inputs["run_dir"], stage).unlink(missing_ok=True)
+    run = run_deployment(name, parameters={"stage": stage, "params": params.model_dump(mode="json", by_alias=True),
+                                           "root": params.root, "inputs": inputs},
+                         timeout=None, poll_interval=2)
+    if not run.state.is_completed():
+        raise StageError(f"{stage} training: flow run {run.name} ({run.id}) of deployment {name} ended "
+                         f"{run.state.name}{': ' + run.state.message if run.state.message else ''}")
+    return read_json(result_file(inputs["run_dir"], stage))
+
+
+def check_train_deployment(params: Params) -> None:
+    """In deployments mode, stop before any work when the training deployment is not on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    from paft.errors import ConfigError
+
+    name = params.orchestration.train_deployment
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigError(f"orchestration.train_deployment: no deployment {name!r} on the Prefect server at "
+                              f"{PREFECT_API_URL.value() or '(temporary server)'}; run `prefect deploy --all` "
+                              "(prefect.yaml) or set orchestration.mode: local") from None
+
+
+@task(name="train", cache_policy=NO_CACHE, task_run_name="train-{stage}")
+def train(params: Params, stage: str, inputs: dict) -> dict:
+    """One training stage, here or on the training work pool (``orchestration.mode``)."""
+    if params.orchestration.mode == "deployments":
+        return run_training_deployment(params, stage, inputs)
+    return run_training(params, stage, inputs)
 
 
 @task(name="merge", cache_policy=NO_CACHE)
