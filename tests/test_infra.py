@@ -168,6 +168,21 @@ def test_worker_reserves_nvidia_gpus_and_points_at_servers(services, env_example
     assert deps["prefect-server"] == "service_healthy" and deps["mlflow"] == "service_healthy"
 
 
+def test_training_workers_serve_the_gpu_pool_one_job_each_on_disjoint_gpus(services, env_example):
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    (gpu,) = [d for d in deployments if d["entrypoint"] == "flows.train:paft_train"]
+    seen = []
+    for name in ("train-worker-a", "train-worker-b"):
+        worker = services[name]
+        cmd = _resolve(_command(worker), env_example)
+        assert f"--pool {gpu['work_pool']['name']}" in cmd and "--limit 1" in cmd and "--type process" in cmd
+        env = _env(worker)
+        assert env["PREFECT_API_URL"] == services["prefect-worker"]["environment"]["PREFECT_API_URL"]
+        seen.append(set(_resolve(env["CUDA_VISIBLE_DEVICES"], env_example).split(",")))
+        assert worker["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert not seen[0] & seen[1], seen  # a GPU belongs to one worker
+
+
 def _strings(obj):
     """Every key and string value of the parsed file (comments are not interpolated by compose)."""
     if isinstance(obj, dict):
