@@ -2,13 +2,19 @@
 
 Everything goes through an explicit ``MlflowClient`` on an explicit tracking URI (no fluent
 active-run state), so that stages running in threads side by side never log into each other's run.
+The one exception is ``job_run``, inside a training subprocess: there the trainer's MLflowCallback
+logs through the fluent API into the run it is given, and that process runs one job only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -17,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from paft.config import Params
 from paft.errors import PaftError
+from paft.train.common import MlflowRun
 
 PARAM_LIMIT = 6000  # characters MLflow keeps of a param value
 
@@ -43,6 +50,36 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except OSError as e:
         problem = str(getattr(e, "reason", e))
     raise PaftError(f"tracking.uri: MLflow tracking server {uri} is unreachable ({problem}); start it or change tracking.uri")
+
+
+def metric_name(key: str) -> str:
+    """A trainer log key as transformers' MLflowCallback names the metric (characters MLflow refuses become _)."""
+    return re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", key)
+
+
+@contextlib.contextmanager
+def job_run(run: MlflowRun) -> Iterator[None]:
+    """In a training subprocess (its main process): ``run`` is the active MLflow run while the job runs, so the
+    trainer's MLflowCallback (``report_to=["mlflow"]``) logs its params and curves into it instead of starting
+    and ending a run of its own, and system metrics are sampled from start to end.
+
+    The run ends FINISHED (FAILED if the job raised); the parent sets the stage's final status afterwards.
+    A job killed by a signal leaves it RUNNING; rerunning the job resumes it (system metrics continue at the
+    next step)."""
+    for k, v in run.env().items():  # MLflow reads the sampling interval from the environment
+        os.environ.setdefault(k, v)
+    # the callback starts a run of its own when MLFLOW_RUN_ID is set, which fails with one already active
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(run.tracking_uri)
+    mlflow.start_run(run_id=run.run_id, log_system_metrics=True)
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        with contextlib.suppress(Exception):
+            mlflow.flush_async_logging()  # the callback logs asynchronously
+        mlflow.end_run(status)  # stops the system metrics monitor and logs its last samples
 
 
 class Tracker:
@@ -74,6 +111,14 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
+    def for_job(self, run_id: str, system_metrics_interval: float | None = None) -> MlflowRun:
+        """Run ``run_id`` as a training job's MLflow run (``launch(job, mlflow_run=...)``): the trainer logs its
+        curves into it and system metrics are sampled every ``system_metrics_interval`` seconds (default: the
+        environment's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, else 2)."""
+        if system_metrics_interval is None:
+            system_metrics_interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 2.0)
+        return MlflowRun(self.uri, run_id, self.experiment_id, system_metrics_interval)
+
     def end(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
@@ -91,14 +136,18 @@ class Tracker:
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
-    def log_history(self, run_id: str, history: list[dict], prefix: str = "train/") -> None:
-        """A trainer's ``log_history`` as step-indexed metrics (the loss curves)."""
+    def log_history(self, run_id: str, history: list[dict], prefix: str = "", until_step: int | None = None) -> None:
+        """A trainer's ``log_history`` as step-indexed metrics (the curves), named as the trainer's MLflowCallback
+        names them (``loss``, ``rewards/chosen``, ...); only the entries up to ``until_step`` when given (e.g. the
+        part before a resumed checkpoint, which the callback of the resumed job did not log)."""
         items = []
         for h in history:
             step = int(h.get("step", 0))
+            if until_step is not None and step > until_step:
+                continue
             for k, v in h.items():
-                if k not in ("step", "epoch") and isinstance(v, int | float) and math.isfinite(v):
-                    items.append(Metric(prefix + k.replace("/", "_"), float(v), 0, step))
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                    items.append(Metric(prefix + metric_name(k), float(v), 0, step))
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 

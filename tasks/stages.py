@@ -70,8 +70,12 @@ def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, par
         tracker.log_params(run_id, {f"cfg.{k}": v for k, v in job.cfg.items()} | {"base": base})
         res = params.resources
         accelerate_config = str(params.path(res.accelerate_config)) if res.accelerate_config else None
-        summary = launch(job, res.python, gpus=res.gpus_per_job, accelerate_config=accelerate_config)
-        tracker.log_history(run_id, summary.pop("log_history", []))
+        # the trainer's MLflow callback logs the curves, and MLflow the system metrics, into this stage's run
+        summary = launch(job, res.python, gpus=res.gpus_per_job, accelerate_config=accelerate_config,
+                         mlflow_run=tracker.for_job(run_id))
+        history = summary.pop("log_history", [])
+        if summary.get("resumed_from"):  # a retry has a run of its own: add the steps the killed attempt logged
+            tracker.log_history(run_id, history, until_step=int(summary["resumed_from"].split("-")[-1]))
         tracker.log_metrics(run_id, {k: v for k, v in summary.items() if k not in ("start", "end", "pid")})
         tracker.log_metrics(run_id, {f"dropped_{k}": v for k, v in summary.get("dropped", {}).items()})
         tracker.log_params(run_id, {"start": summary["start"], "end": summary["end"]})

@@ -75,7 +75,10 @@ def test_mlflow_holds_parent_children_tags_metrics_and_registry(flow_run):
     assert names == {"prepare", "base_model", "train_sft", "train_align", "merge_ties", "merge_task_arithmetic",
                      "train_rec", "train_sequential", "sparsity", "evaluate"}
     sft = next(r for r in children if r.info.run_name == "train_sft")
-    assert len(client.get_metric_history(sft.info.run_id, "train/loss")) >= 2  # the loss curve
+    assert len(client.get_metric_history(sft.info.run_id, "loss")) >= 2  # the loss curve, by the trainer's callback
+    assert client.get_metric_history(sft.info.run_id, "system/cpu_utilization_percentage")  # system metrics
+    align = next(r for r in children if r.info.run_name == "train_align")
+    assert "rewards/accuracies" in align.data.metrics
     assert any(a.path == "adapter" for a in client.list_artifacts(sft.info.run_id))
     for name in (params.tracking.model_name, params.tracking.rec_model_name):
         mv = client.get_model_version_by_alias(name, "champion")

@@ -15,7 +15,7 @@ from pathlib import Path
 def run(job_path: str) -> int:
     from paft.errors import PaftError
     from paft.io import atomic_dir, write_json
-    from paft.train.common import Job, finish
+    from paft.train.common import Job, finish, tracked
 
     job = Job.load(job_path)
     if job.threads:
@@ -30,7 +30,7 @@ def run(job_path: str) -> int:
         fn(job, Path(job.out))
         return 0
     try:
-        with atomic_dir(job.out) as tmp:
+        with tracked(job), atomic_dir(job.out) as tmp:  # rank 0 alone logs to MLflow (the callback checks it too)
             summary = fn(job, tmp)
             if job.kind == "rec" and job.cfg["finetune"] == "lora":  # REC is served as a whole model: fold the adapter in
                 from paft.train.export import merge_adapter

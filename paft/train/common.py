@@ -5,11 +5,35 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 from paft.errors import PaftError
 from paft.io import read_json, write_json
+
+
+@dataclass(frozen=True)
+class MlflowRun:
+    """The MLflow run a training job logs into (its stage's child run): the trainer's MLflowCallback logs the
+    curves there at their global steps, and MLflow samples the system metrics (``system/...``) while the job runs.
+
+    The subprocess gets it in its job file and in MLflow's own environment variables (``env``)."""
+
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+    system_metrics_interval: float = 2.0  # seconds between system metric samples: short jobs still get a few
+
+    def env(self) -> dict[str, str]:
+        return {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_RUN_ID": self.run_id,
+            "MLFLOW_EXPERIMENT_ID": self.experiment_id,
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": str(self.system_metrics_interval),
+        }
 
 
 @dataclass
@@ -25,6 +49,7 @@ class Job:
     threads: int | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
+    mlflow: dict | None = None  # an MlflowRun as a dict: the run the trainer reports to; None: no MLflow logging
 
     def save(self, path: str | Path) -> None:
         write_json(path, asdict(self))
@@ -38,6 +63,24 @@ class Job:
         """Checkpoints live beside the output (not inside its temporary folder), so a rerun finds them."""
         out = Path(self.out)
         return out.parent / f"{out.name}.checkpoints"
+
+    @property
+    def mlflow_run(self) -> MlflowRun | None:
+        return MlflowRun(**self.mlflow) if self.mlflow else None
+
+
+@contextmanager
+def tracked(job: Job) -> Iterator[None]:
+    """Around the whole job in the main process (rank 0): its MLflow run is the active one, so the trainer's
+    MLflowCallback logs into it, and system metrics are sampled until the job ends (paft/tracking.py)."""
+    run = job.mlflow_run
+    if run is None:
+        yield
+        return
+    from paft.tracking import job_run
+
+    with job_run(run):
+        yield
 
 
 def peft_config(cfg: dict):
@@ -85,7 +128,7 @@ def trainer_args(job: Job) -> dict:
         save_strategy="steps",
         save_steps=cfg["save_steps"],
         save_total_limit=2,
-        report_to="none",
+        report_to=["mlflow"] if job.mlflow else "none",  # the callback logs into the job's run (see tracked)
         seed=job.seed,
         data_seed=job.seed,
         dataloader_num_workers=0,

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 from paft.config import Params
 from paft.errors import JobKilled, PaftError, StageError
 from paft.io import read_json
-from paft.train.common import Job
+from paft.train.common import Job, MlflowRun
 
 
 def default_threads() -> int:
@@ -117,19 +118,26 @@ def command(job_file: str | Path, python: str | None = None, gpus: int = 0, acce
 
 
 def launch(job: Job, python: str | None = None, env: dict | None = None, gpus: int = 0,
-           accelerate_config: str | None = None, devices: DeviceLeases | None = None) -> dict:
+           accelerate_config: str | None = None, devices: DeviceLeases | None = None,
+           mlflow_run: MlflowRun | dict | None = None) -> dict:
     """Run ``job`` in its own process(es) on ``gpus`` GPUs of its own (see DeviceLeases); returns its summary.
-    The log is kept beside the output."""
+    The log is kept beside the output.
+
+    With ``mlflow_run`` (``Tracker.for_job(run_id)``) the trainer reports to that MLflow run: the curves at their
+    steps and the system metrics (see MlflowRun). Without it, nothing is logged to MLflow."""
     out = Path(job.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     job_file = out.parent / f"{out.name}.job.json"
     log_file = out.parent / f"{out.name}.log"
     if job.threads is None:
         job.threads = default_threads()
+    if mlflow_run is not None:
+        job.mlflow = asdict(mlflow_run if isinstance(mlflow_run, MlflowRun) else MlflowRun(**mlflow_run))
     job.save(job_file)
+    tracking = job.mlflow_run.env() if job.mlflow else {}
     with (devices or leases()).lease(gpus) as lease, log_file.open("w") as log:
         run_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(job.threads), **lease,
-                   **(env or {})}
+                   **tracking, **(env or {})}
         proc = subprocess.run(
             command(job_file, python, gpus, accelerate_config),
             stdout=log,
