@@ -143,3 +143,14 @@ def test_two_flow_runs_at_once_never_clash(tmp_path, prefect_harness):
     versions = client.search_model_versions(f"name = '{params.tracking.model_name}'")
     assert len(versions) == 2  # both registered; one champion
     assert client.get_model_version_by_alias(params.tracking.model_name, "champion").version in {v.version for v in versions}
+
+
+@pytest.mark.slow
+def test_deployments_mode_without_the_training_deployment_stops_before_any_work(tmp_path, prefect_harness):
+    from flows.paft import paft as paft_flow
+    from paft.errors import ConfigError
+
+    path = write_params(tmp_path, {"orchestration": {"mode": "deployments", "train_deployment": "paft-train/nowhere"}})
+    with pytest.raises(ConfigError, match="orchestration.train_deployment: no deployment 'paft-train/nowhere'"):
+        paft_flow(params_path=str(path), overrides=[])
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
