@@ -82,22 +82,40 @@ def job_run(run: MlflowRun) -> Iterator[None]:
         mlflow.end_run(status)  # stops the system metrics monitor and logs its last samples
 
 
+@contextlib.contextmanager
+def _one_process_at_a_time(uri: str) -> Iterator[None]:
+    """For a sqlite store: two processes opening a new one at once race on its schema migrations (alembic:
+    "expected to match one row") and on creating the experiment; a file lock beside the database orders them."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_location: str | Path | None = None):
         check_reachable(uri)
         self.uri = uri
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            # a tracking server stores artifacts where it is configured to (e.g. S3); a local store in the folder given
-            remote = uri.startswith(("http://", "https://"))
-            location = Path(artifact_location).resolve().as_uri() if artifact_location and not remote else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = exp.experiment_id
+        with _one_process_at_a_time(uri):
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                # a tracking server stores artifacts where it is configured to (e.g. S3); a local store in the folder given
+                remote = uri.startswith(("http://", "https://"))
+                location = Path(artifact_location).resolve().as_uri() if artifact_location and not remote else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = exp.experiment_id
 
     @classmethod
     def from_params(cls, params: Params) -> "Tracker":

@@ -74,3 +74,18 @@ def test_lower_is_better_and_missing_scores(tracker, tmp_path):
     assert _version(tracker, tmp_path, 2.0, higher_is_better=False)["alias"] == "champion"
     assert _version(tracker, tmp_path, 1.0, higher_is_better=False)["alias"] == "champion"
     assert _version(tracker, tmp_path, None)["alias"] == "challenger"  # nothing to compare: the champion stays
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """Two `paft run` on a fresh project race on MLflow's schema migrations unless the store is opened in turn."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    code = ("import sys; from paft.tracking import Tracker; "
+            f"t = Tracker({uri!r}, 'paft', {str(tmp_path / 'artifacts')!r}); print(t.experiment_id)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-800:] for _, e in outs]
+    assert len({o.strip() for o, _ in outs}) == 1  # one experiment, created once
