@@ -54,7 +54,8 @@ def cmd_merge(args) -> int:
     from paft.merge import MergeInput, merge_models
 
     inputs = [MergeInput(p, weight=w, density=args.density) for p, w in zip(args.inputs, args.weights or [1.0] * len(args.inputs))]
-    summary = merge_models(args.base, inputs, args.method, args.out, lambda_=args.lambda_, seed=args.seed)
+    summary = merge_models(args.base, inputs, args.method, args.out, lambda_=args.lambda_, seed=args.seed,
+                           sign=args.sign, normalize=args.normalize, rescale=args.rescale, tie_break=args.tie_break)
     print(json.dumps(summary, default=str))
     return 0
 
@@ -167,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--weights", type=float, nargs="+")
     sp.add_argument("--density", type=float, default=1.0)
     sp.add_argument("--lambda", dest="lambda_", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default: 0)")
+    sp.add_argument("--sign", choices=["total", "frequency"], help="majority sign of ties / dare_ties (default: total)")
+    sp.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="default: the method's")
+    sp.add_argument("--rescale", action=argparse.BooleanOptionalAction, help="default: the method's (dare_*: on)")
+    sp.add_argument("--tie-break", choices=["sort", "index"], default="sort",
+                    help="entries tied at the top-k threshold: sort (mergekit's choice, default) | index (lowest first)")
     sp.set_defaults(fn=cmd_merge)
     sp = sub.add_parser("sparsity", help="sparsity of fine-tuning deltas (adapters / fine-tuned models) vs a base")
     sp.add_argument("base")

@@ -192,15 +192,18 @@ class TrainSection(Section):
 
 
 # ----------------------------------------------------------------------------- merge
-MergeMethod = Literal["ties", "task_arithmetic", "linear"]
+MergeMethod = Literal["ties", "task_arithmetic", "linear", "dare_ties", "dare_linear", "magnitude_prune"]
 
 
 class MergeConfig(Section):
     methods: list[MergeMethod] = Field(default_factory=lambda: ["ties", "task_arithmetic"], min_length=1)
-    density: Fraction = 0.5  # share of each delta kept by ties (top |delta|)
+    density: Fraction = 0.5  # share of each delta kept by ties / magnitude_prune (top |delta|), dare_* (random)
     sft_weight: PosFloat = 1.0
     align_weight: PosFloat = 1.0
     lambda_: PosFloat = Field(1.0, alias="lambda")
+    sign: Literal["total", "frequency"] = "total"  # majority sign of ties / dare_ties: sum of deltas | count of signs
+    normalize: bool | None = None  # None: the method's default (paft/merge/methods.py)
+    rescale: bool | None = None  # None: the method's default (dare_*: rescaled, keeping each tensor's L1 norm)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

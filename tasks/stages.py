@@ -201,9 +201,11 @@ def merge(params: Params, base: dict, sft: dict, align: dict, run_dir: str, pare
     for method in cfg.methods:
         with stage_run(params, parent_id, f"merge_{method}") as (tracker, run_id):
             path = Path(run_dir) / f"merged_{method}"
-            summary = merge_models(local_path(base["path"]), inputs, method, path, lambda_=cfg.lambda_, seed=params.seed)
+            summary = merge_models(local_path(base["path"]), inputs, method, path, lambda_=cfg.lambda_, seed=params.seed,
+                                   sign=cfg.sign, normalize=cfg.normalize, rescale=cfg.rescale)
             tracker.log_params(run_id, {"method": method, "density": cfg.density, "lambda": cfg.lambda_,
-                                        "sft_weight": cfg.sft_weight, "align_weight": cfg.align_weight})
+                                        "sft_weight": cfg.sft_weight, "align_weight": cfg.align_weight,
+                                        **{k: summary[k] for k in ("sign", "normalize", "rescale")}})
             tracker.log_artifacts(run_id, path, "model")
             out[method] = {"path": str(path), "run_id": run_id, "summary": summary}
     return out

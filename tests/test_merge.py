@@ -10,7 +10,7 @@ import torch
 
 from paft.errors import PaftError
 from paft.merge import METHODS, MergeInput, full_deltas, get_method, lora_deltas, merge_models, merge_tensor
-from paft.merge.methods import magnitude
+from paft.merge.methods import magnitude, top_k_mask
 
 # ----------------------------------------------------------------------------- independent references
 # Plain Python / numpy, entry by entry, written from the method descriptions (TIES paper + mergekit's
@@ -57,8 +57,18 @@ def t(x):
 
 # ----------------------------------------------------------------------------- methods on small tensors
 def test_registry_has_the_methods():
-    assert {"linear", "task_arithmetic", "ties"} <= set(METHODS)
-    assert get_method("ties").default_normalize and not get_method("task_arithmetic").default_normalize
+    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
+    # (sparsification, consensus, normalize, rescale) by default: mergekit 0.1.5's registry (peft's for
+    # magnitude_prune, which mergekit does not register)
+    assert {n: (s.sparsification, s.consensus, s.default_normalize, s.default_rescale) for n, s in METHODS.items()} == {
+        "linear": (None, None, True, False),
+        "task_arithmetic": (None, None, False, False),
+        "ties": ("magnitude", "sum", True, False),
+        "dare_linear": ("random", None, False, True),
+        "dare_ties": ("random", "sum", False, True),
+        "magnitude_prune": ("magnitude", None, False, False),
+    }
+    assert get_method("magnitude_prune").mergekit is None and get_method("dare_ties").mergekit == "dare_ties"
 
 
 def test_ties_sign_conflicts_by_hand():
@@ -94,7 +104,84 @@ def test_magnitude_trim_count_and_entries():
     out = magnitude(d, 0.5)  # k = int(0.5 * 6) = 3
     assert torch.equal(out, t([[0.0, -5.0, 0.3], [2.0, 0.0, 0.0]]))
     assert torch.equal(magnitude(d, 1.0), d)
-    assert torch.count_nonzero(magnitude(d, 0.1)) == 0  # k = 0 (mergekit would assert here)
+    # k = max(1, int(density * numel)) (mergekit 0.1.5): a positive density keeps at least one entry
+    assert torch.equal(magnitude(d, 0.1), t([[0.0, -5.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_magnitude_rescale_norms():
+    d = t([[0.1, -5.0, 0.3], [2.0, -0.2, 0.05]])
+    kept = t([[0.0, -5.0, 0.3], [2.0, 0.0, 0.0]])
+    l1 = magnitude(d, 0.5, rescale_norm="l1")  # mergekit: times ||d||_1 / ||kept||_1
+    assert torch.allclose(l1, kept * (7.65 / 7.3))
+    assert torch.allclose(magnitude(d, 0.5, rescale_norm="density"), kept / 0.5)  # DARE paper: 1 / density
+    assert torch.equal(magnitude(d, 1.0, rescale_norm="density"), d)  # density 1: untouched, not rescaled
+
+
+def test_top_k_ties_at_the_threshold():
+    # |d| = 3, 1, 2, 1, 1, 2: k = 3 keeps the 3, then one of the two 2s... k = 4 one of the three 1s
+    d = t([3.0, -1.0, 2.0, 1.0, -1.0, -2.0])
+    assert top_k_mask(d, 3, "index").tolist() == [True, False, True, False, False, True]
+    assert top_k_mask(d, 4, "index").tolist() == [True, True, True, False, False, True]  # lowest index first
+    # "sort" keeps what a full descending argsort keeps (mergekit's choice), whatever order that gives ties
+    g = torch.Generator().manual_seed(3)
+    many = torch.randint(-6, 7, (5000,), generator=g).float()  # ~400 entries share each value
+    for k in (1, 777, 2500, 4999):
+        want = torch.zeros(5000, dtype=torch.bool)
+        want[torch.argsort(many.abs(), descending=True)[:k]] = True
+        assert torch.equal(top_k_mask(many, k, "sort"), want)
+        got = top_k_mask(many, k, "index")
+        assert int(got.sum()) == k
+        # both keep everything above the k-th largest |d| and nothing below it
+        kth = many.abs().sort(descending=True).values[k - 1]
+        assert got[many.abs() > kth].all() and not got[many.abs() < kth].any()
+    with pytest.raises(PaftError, match="tie_break"):
+        top_k_mask(d, 3, "random")
+
+
+def test_frequency_sign_by_hand():
+    # three inputs: at entry 0 two small positives outvote one large negative by count, not by mass
+    base = t([0.0, 0.0])
+    deltas = [t([1.0, -1.0]), t([1.0, -1.0]), t([-5.0, 3.0])]
+    total = merge_tensor("ties", base, deltas, [1.0, 1.0, 1.0], sign="total")
+    frequency = merge_tensor("ties", base, deltas, [1.0, 1.0, 1.0], sign="frequency")
+    assert torch.allclose(total, t([-5.0, 3.0])) and torch.allclose(frequency, t([1.0, -1.0]))
+    # mergekit's names for the same two
+    assert torch.equal(merge_tensor("ties", base, deltas, [1.0] * 3, sign="count"), frequency)
+    assert torch.equal(merge_tensor("ties", base, deltas, [1.0] * 3, sign="sum"), total)
+    with pytest.raises(PaftError, match="majority sign"):
+        merge_tensor("ties", base, deltas, [1.0] * 3, sign="majority")
+
+
+def test_magnitude_prune_by_hand():
+    base = t([10.0, 10.0, 10.0, 10.0])
+    d1, d2 = [1.0, -2.0, 0.5, 3.0], [-0.5, -1.0, 2.0, -4.0]
+    # density 0.5: d1 -> [0,-2,0,3], d2 -> [0,0,2,-4]; no sign election, weighted sum, no normalize by default
+    got = merge_tensor("magnitude_prune", base, [t(d1), t(d2)], [1.0, 0.5], [0.5, 0.5], lambda_=2.0)
+    assert torch.allclose(got, t([10.0, 6.0, 12.0, 12.0]))
+    got = merge_tensor("magnitude_prune", base, [t(d1), t(d2)], [1.0, 0.5], [0.5, 0.5], normalize=True)
+    assert torch.allclose(got, t([10.0, 10 - 2 / 1.5, 10 + 1 / 1.5, 10 + 1 / 1.5]))
+
+
+def test_dare_ties_is_ties_over_dare_masks():
+    from paft.merge.methods import dare, tensor_generator
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(30, 40, generator=g)
+    deltas = [torch.randn(30, 40, generator=g) for _ in range(2)]
+    weights, densities = [1.0, 0.6], [0.4, 0.7]
+    got = merge_tensor("dare_ties", base, deltas, weights, densities, seed=9, name="w", rescale_norm="density")
+    dropped = [dare(d, rho, generator=tensor_generator(9, "w", i), rescale_norm="density")
+               for i, (d, rho) in enumerate(zip(deltas, densities))]
+    want = ref_ties(base.numpy(), [x.numpy() for x in dropped], weights, [1.0, 1.0], normalize=False)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    # dare_linear: the same masks, summed without sign election
+    got = merge_tensor("dare_linear", base, deltas, weights, densities, seed=9, name="w", rescale_norm="density")
+    want = ref_task_arithmetic(base.numpy(), [x.numpy() for x in dropped], weights)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    # rescale off: the kept entries are the delta's own
+    plain = merge_tensor("dare_linear", base, deltas[:1], [1.0], [0.4], seed=9, name="w", rescale=False)
+    kept = plain != base
+    assert torch.allclose(plain[kept], (base + deltas[0])[kept])
 
 
 def test_task_arithmetic_and_linear():
@@ -110,6 +197,9 @@ def test_task_arithmetic_and_linear():
     got = merge_tensor("linear", base, deltas, weights)
     want = sum(w * (base + d) for w, d in zip(weights, deltas)) / sum(weights)
     assert torch.allclose(got, want, atol=1e-6)
+    # without normalize, mergekit's linear is the weighted sum of the models (the base counted sum(w) times)
+    got = merge_tensor("linear", base, deltas, weights, normalize=False)
+    assert torch.allclose(got, sum(w * (base + d) for w, d in zip(weights, deltas)), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- tiny models and adapters
@@ -290,6 +380,77 @@ def test_two_adapters_ties_matches_reference(base_dir, adapters, tmp_path):
         assert torch.isfinite(model(IDS).logits).all()
 
 
+def test_options_recorded_and_dare_on_adapters(base_dir, adapters, tmp_path):
+    (a, _), (b, _) = adapters["sft"], adapters["dpo"]
+    inputs = [MergeInput(a, weight=1.0, density=0.5), MergeInput(b, weight=0.7, density=0.3)]
+    summary = merge_models(base_dir, inputs, "dare_ties", tmp_path / "d1", seed=3, sign="frequency",
+                           rescale_norm="density")
+    assert {k: summary[k] for k in ("method", "normalize", "rescale", "rescale_norm", "sign", "tie_break",
+                                    "delta_dtype", "seed", "mergekit")} == {
+        "method": "dare_ties", "normalize": False, "rescale": True, "rescale_norm": "density", "sign": "frequency",
+        "tie_break": None, "delta_dtype": "input", "seed": 3, "mergekit": "dare_ties",
+    }
+    # kept shares near the densities (LoRA deltas are dense), the same bits again under the same seed
+    assert [round(i["sparsity"], 1) for i in summary["inputs"]] == [0.5, 0.7]
+    merge_models(base_dir, inputs, "dare_ties", tmp_path / "d2", seed=3, sign="frequency", rescale_norm="density")
+    w1, w2 = weights_of(tmp_path / "d1"), weights_of(tmp_path / "d2")
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)
+
+    summary = merge_models(base_dir, inputs, "ties", tmp_path / "t", tie_break="index")
+    assert (summary["sign"], summary["rescale"], summary["rescale_norm"], summary["tie_break"]) == (
+        "total", False, None, "index")
+    summary = merge_models(base_dir, inputs, "task_arithmetic", tmp_path / "ta", sign="frequency", rescale=True)
+    assert (summary["sign"], summary["rescale"], summary["tie_break"]) == (None, None, None)  # no such steps
+
+
+def test_linear_without_normalize_scales_untouched_tensors(base_dir, adapters, tmp_path):
+    inputs = [MergeInput(adapters["sft"][0], weight=0.5), MergeInput(adapters["dpo"][0], weight=0.25)]
+    summary = merge_models(base_dir, inputs, "linear", tmp_path / "lin", normalize=False)
+    base, got = weights_of(base_dir), weights_of(tmp_path / "lin")
+    # sum_i w_i m_i: a tensor no adapter touches is 0.75 * base (mergekit's linear of the two models)
+    assert torch.allclose(got["model.norm.weight"], 0.75 * base["model.norm.weight"])
+    assert summary["tensors_merged"] == len(base)
+
+
+def test_bf16_deltas_formed_in_bf16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(6)
+    model = AutoModelForCausalLM.from_config(tiny_config()).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.5)
+    model.save_pretrained(tmp_path / "ft")
+    base, ft = weights_of(tmp_path / "base"), weights_of(tmp_path / "ft")
+    as_input = full_deltas(tmp_path / "base", tmp_path / "ft", dtype="input")
+    exact = full_deltas(tmp_path / "base", tmp_path / "ft")  # float32 by default
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert as_input[name].dtype == exact[name].dtype == torch.float32
+    assert torch.equal(as_input[name], (ft[name] - base[name]).float())  # a bf16 subtraction, like mergekit's
+    assert torch.equal(exact[name], ft[name].float() - base[name].float())
+    assert not torch.equal(as_input[name], exact[name])  # some differences need more than bf16's 8 bits
+    summary = merge_models(tmp_path / "base", [MergeInput(tmp_path / "ft", density=0.3)], "ties", tmp_path / "m")
+    assert summary["delta_dtype"] == "input"
+    assert weights_of(tmp_path / "m")[name].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sign": "majority"}, "majority sign"),
+        ({"rescale_norm": "l2"}, "rescale norm"),
+        ({"tie_break": "random"}, "tie_break"),
+        ({"delta_dtype": "int8"}, "delta dtype"),
+    ],
+)
+def test_bad_options(base_dir, adapters, tmp_path, kwargs, match):
+    out = tmp_path / "merged"
+    with pytest.raises(PaftError, match=match):
+        merge_models(base_dir, [MergeInput(adapters["sft"][0])], "ties", out, **kwargs)
+    assert leftovers(out) == []
+
+
 # ----------------------------------------------------------------------------- failures leave nothing behind
 def leftovers(out):
     return [p.name for p in out.parent.iterdir() if p.name.startswith(out.name)]
@@ -297,7 +458,10 @@ def leftovers(out):
 
 def test_unknown_method(base_dir, adapters, tmp_path):
     out = tmp_path / "merged"
-    with pytest.raises(PaftError, match=r"'bogus'.*known methods: linear, task_arithmetic, ties"):
+    with pytest.raises(
+        PaftError,
+        match=r"'bogus'.*known methods: dare_linear, dare_ties, linear, magnitude_prune, task_arithmetic, ties",
+    ):
         merge_models(base_dir, [MergeInput(adapters["sft"][0])], "bogus", out)
     assert leftovers(out) == []
 
@@ -328,3 +492,24 @@ def test_failure_while_writing_keeps_old_output(base_dir, adapters, tmp_path, mo
     with pytest.raises(RuntimeError, match="disk full"):
         merge_models(base_dir, [MergeInput(adapters["sft"][0])], "ties", out)
     assert leftovers(out) == ["merged"] and [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_cli_merges_with_dare_options_reproducibly(base_dir, adapters, tmp_path):
+    import subprocess
+    import sys
+
+    def run(out, *extra):
+        proc = subprocess.run([sys.executable, "-m", "paft.cli", "merge", str(base_dir), *(str(a) for a, _ in adapters.values()),
+                               "--method", "dare_ties", "--density", "0.5", "--out", str(tmp_path / out), *extra],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    a = run("a", "--seed", "3", "--sign", "frequency", "--no-rescale")
+    assert (a["method"], a["sign"], a["rescale"], a["seed"]) == ("dare_ties", "frequency", False, 3)
+    run("b", "--seed", "3", "--sign", "frequency", "--no-rescale")
+    run("c", "--seed", "4", "--sign", "frequency", "--no-rescale")
+    weights = {name: weights_of(tmp_path / name) for name in "abc"}
+    changed = [n for n in weights["a"] if not torch.equal(weights["a"][n], weights["c"][n])]
+    assert all(torch.equal(weights["a"][n], weights["b"][n]) for n in weights["a"])  # same seed, same merge
+    assert changed  # another seed draws other masks

@@ -1,7 +1,14 @@
 """Task vectors ("deltas"): what an input changed relative to the base, keyed by the base's weight names.
 
 An input is either a peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
-or a full fine-tuned model folder (safetensors, single file or sharded). Deltas are float32.
+or a full fine-tuned model folder (safetensors, single file or sharded). Deltas are returned as float32.
+
+A full model's delta ``tuned - base`` is formed in ``dtype``: ``"float32"`` (the default here: both cast to
+float32 first, so the difference is exact) or ``"input"``: in the tensors' own dtype (their promoted dtype
+if they differ), e.g. a bf16 subtraction for bf16 models, rounded to bf16. ``"input"`` is what mergekit
+does (unless its config sets ``dtype``), and it decides which entries a top-k by ``|delta|`` keeps:
+:func:`paft.merge.merge_models` uses it by default. Any other torch dtype name casts both to it first
+(mergekit's ``dtype: float32`` is ``"float32"``). LoRA deltas ``B @ A * scale`` are always float32.
 """
 
 from __future__ import annotations
@@ -81,7 +88,10 @@ def _scale(cfg: dict, module: str) -> float:
 
 
 def lora_deltas(
-    adapter_dir: str | Path, base: str | Path | Mapping[str, torch.Tensor] | None = None
+    adapter_dir: str | Path,
+    base: str | Path | Mapping[str, torch.Tensor] | None = None,
+    *,
+    dtype: str = "float32",
 ) -> dict[str, torch.Tensor]:
     """Full per-module deltas of a peft LoRA adapter: ``(B @ A) * scale``, keyed by base weight names.
 
@@ -90,10 +100,10 @@ def lora_deltas(
     Embedding LoRA gives ``(B @ A).T * scale``, ``fan_in_fan_out`` transposes, and ``lora_bias`` adds
     ``B.bias * scale`` to the module's bias. Full weights saved with the adapter (``modules_to_save``, or
     a LoRA layer's ``base_layer`` weights) add ``saved - base``; that needs ``base`` (the base folder, or
-    its weights already read).
+    its weights already read); ``dtype`` is the dtype those are subtracted in (module docstring).
     """
     adapter_dir = Path(adapter_dir)
-    deltas, full = _read_adapter(adapter_dir)
+    deltas, full = _read_adapter(adapter_dir, keep_dtype=dtype != "float32")
     if full:
         if base is None:
             raise PaftError(
@@ -101,7 +111,7 @@ def lora_deltas(
                 "pass the base so they can be taken relative to it"
             )
         base = read_weights(base) if isinstance(base, (str, Path)) else base
-        for name, d in _against_base(base, full, adapter_dir).items():
+        for name, d in _against_base(base, full, adapter_dir, dtype).items():
             deltas[name] = deltas[name] + d if name in deltas else d  # saved base_layer + its LoRA
     return deltas
 
@@ -120,7 +130,9 @@ def adapter_files(adapter_dir: Path) -> tuple[dict, Path]:
     return cfg, weights_path
 
 
-def _read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _read_adapter(
+    adapter_dir: str | Path, keep_dtype: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
@@ -139,7 +151,7 @@ def _read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dic
                 raise PaftError(f"{adapter_dir}: unsupported adapter tensor {key!r}")
             # modules_to_save (the module's trained weights), or a LoRA layer's own weights that peft
             # saved too (``<module>.base_layer.weight``, e.g. with save_embedding_layers)
-            full[name.replace(".base_layer.", ".")] = tensor.float()
+            full[name.replace(".base_layer.", ".")] = tensor if keep_dtype else tensor.float()
 
     deltas: dict[str, torch.Tensor] = {}
     for module, p in sorted(parts.items()):
@@ -164,9 +176,25 @@ def missing_in_base(name: str, input_dir: str | Path) -> PaftError:
     return PaftError(f"{input_dir}: delta for {name!r} has no matching tensor in the base model{hint}")
 
 
+DELTA_DTYPES = ("input", "float32", "float64", "bfloat16", "float16")
+
+
+def check_delta_dtype(dtype: str) -> str:
+    if dtype not in DELTA_DTYPES:
+        raise PaftError(f"unknown delta dtype {dtype!r}; known: {', '.join(DELTA_DTYPES)}")
+    return dtype
+
+
+def delta_of(tuned: torch.Tensor, base: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
+    """``tuned - base`` formed in ``dtype`` (``"input"``: the tensors' promoted dtype), as float32."""
+    dt = torch.promote_types(tuned.dtype, base.dtype) if dtype == "input" else getattr(torch, dtype)
+    return (tuned.to(dt) - base.to(dt)).float()
+
+
 def _against_base(
-    base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], input_dir: Path
+    base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], input_dir: Path, dtype: str = "float32"
 ) -> dict[str, torch.Tensor]:
+    check_delta_dtype(dtype)
     deltas = {}
     for name, t in tuned.items():
         if name not in base:
@@ -175,26 +203,31 @@ def _against_base(
             raise PaftError(
                 f"{input_dir}: tensor {name!r} has shape {tuple(t.shape)}, base has {tuple(base[name].shape)}"
             )
-        deltas[name] = t.float() - base[name].float()
+        deltas[name] = delta_of(t, base[name], dtype)
     return deltas
 
 
-def full_deltas(base_dir: str | Path, model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """``finetuned - base`` for every tensor of a full fine-tuned model folder."""
-    return _against_base(read_weights(base_dir), read_weights(model_dir), Path(model_dir))
+def full_deltas(base_dir: str | Path, model_dir: str | Path, *, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """``finetuned - base`` for every tensor of a full fine-tuned model folder (formed in ``dtype``)."""
+    return _against_base(read_weights(base_dir), read_weights(model_dir), Path(model_dir), dtype)
 
 
 def load_deltas(
-    base_dir: str | Path, input_dir: str | Path, base: Mapping[str, torch.Tensor] | None = None
+    base_dir: str | Path,
+    input_dir: str | Path,
+    base: Mapping[str, torch.Tensor] | None = None,
+    *,
+    dtype: str = "float32",
 ) -> dict[str, torch.Tensor]:
     """Deltas of an adapter folder (if it has ``adapter_config.json``) or of a full model folder.
 
-    ``base`` (the base weights, if already read) avoids reading them again.
+    ``base`` (the base weights, if already read) avoids reading them again; ``dtype``: what full
+    tensors are subtracted in (module docstring).
     """
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise PaftError(f"{input_dir}: merge input folder does not exist")
     if is_adapter(input_dir):
-        return lora_deltas(input_dir, base_dir if base is None else base)
+        return lora_deltas(input_dir, base_dir if base is None else base, dtype=dtype)
     base = read_weights(base_dir) if base is None else base
-    return _against_base(base, read_weights(input_dir), input_dir)
+    return _against_base(base, read_weights(input_dir), input_dir, dtype)
