@@ -203,19 +203,19 @@ def test_task_arithmetic_and_linear():
 
 
 # ----------------------------------------------------------------------------- tiny models and adapters
-def tiny_config():
+def tiny_config(**overrides):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    return LlamaConfig(**{
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    } | overrides)
 
 
 def tiny_tokenizer():

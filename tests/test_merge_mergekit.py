@@ -35,18 +35,9 @@ MODELS = ("dense", "sparse")
 
 # ----------------------------------------------------------------------------- tiny models
 def tiny_config():
-    from transformers import LlamaConfig
+    from tests.test_merge import tiny_config
 
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    return tiny_config(vocab_size=128, hidden_size=64, intermediate_size=160, tie_word_embeddings=False)
 
 
 def build_models(root: Path, dtype: torch.dtype) -> Path:
