@@ -20,8 +20,5 @@ def paft_train(stage: str, params: dict, root: str, inputs: dict) -> dict:
     their relative paths resolve against); ``inputs``: the stage task's other arguments."""
     p = Params.model_validate({**params, "root": root})
     result = stages.run_training(p, stage, inputs)
-    out = stages.result_file(inputs["run_dir"], stage)
-    tmp = out.with_name(out.name + ".tmp")
-    write_json(tmp, result)
-    tmp.replace(out)  # the parent never reads half a file
+    write_json(stages.result_file(inputs["run_dir"], stage), result)
     return result

@@ -49,7 +49,11 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 def write_json(path: str | Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    """Written whole or not at all: a reader (another process polling for it) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_json(path: str | Path):

@@ -95,6 +95,22 @@ def _run(job, timeout=600):
 
 
 @pytest.mark.slow
+def kill_at_checkpoint(job, job_file: Path, step: int = 8, log=subprocess.DEVNULL, env: dict | None = None) -> int:
+    """Run ``job`` as ``python -m paft.train``, SIGKILL it once checkpoint-``step`` appears; returns the last
+    complete checkpoint's step (the kill may land while that checkpoint is being written)."""
+    job.save(job_file)
+    proc = subprocess.Popen([sys.executable, "-m", "paft.train", str(job_file)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(job.checkpoints.glob(f"checkpoint-{step}")):
+        time.sleep(0.2)
+        assert proc.poll() is None, "finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return max(int(c.name.split("-")[1]) for c in job.checkpoints.glob("checkpoint-*")
+               if (c / "trainer_state.json").is_file())
+
+
 def test_l1_sft_logs_penalty_apart_and_makes_the_delta_sparser(prepared):
     from paft.merge.deltas import load_deltas
 
@@ -143,18 +159,8 @@ def test_sigkilled_job_resumes_from_its_last_checkpoint_with_the_same_step_count
     p = load_params(write_params(folder / "resume", {"train": {"sft": {"max_steps": steps, "save_steps": 4, "logging_steps": 4}}}))
     out = folder / "sft-resume"
     job = training_job("sft", p, base, Path(data["path"]) / "sft.jsonl", out)
-    path = folder / "sft-resume.job.json"
-    job.save(path)
-    proc = subprocess.Popen([sys.executable, "-m", "paft.train", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(job.checkpoints.glob("checkpoint-8")):
-        time.sleep(0.2)
-        assert proc.poll() is None, "finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    done = kill_at_checkpoint(job, folder / "sft-resume.job.json")
     assert not out.exists()  # no partial output
-    done = max(int(c.name.split("-")[1]) for c in job.checkpoints.glob("checkpoint-*")
-               if (c / "trainer_state.json").is_file())  # the kill may land while checkpoint-8 is being written
     assert 4 <= done < steps
     rerun = _run(job)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

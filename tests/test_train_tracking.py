@@ -4,10 +4,6 @@ a resumed job goes on in the same run, and a job given no run logs nothing."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +15,7 @@ from paft.train.common import Job, MlflowRun, trainer_args
 from paft.train.launch import launch, training_job
 from paft.tracking import Tracker
 from tests.conftest import write_params
+from tests.test_train import kill_at_checkpoint
 
 SYSTEM = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
 
@@ -179,22 +176,11 @@ def test_a_killed_job_goes_on_logging_into_the_same_run_when_rerun(prepared, tra
     run = tracker.for_job(run_id, 0.5)
     job = training_job("sft", p, base, Path(data["path"]) / "sft.jsonl", folder / "resume-sft")
     job.mlflow = asdict(run)
-    path = folder / "resume-sft.job.json"
-    job.save(path)
     with (folder / "resume-first.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "paft.train", str(path)], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **run.env()})
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(job.checkpoints.glob("checkpoint-8")):
-            time.sleep(0.2)
-            assert proc.poll() is None, "finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        done = kill_at_checkpoint(job, folder / "resume-sft.job.json", log=log, env={**os.environ, **run.env()})
     before = tracker.client.get_run(run_id)
     assert before.info.status == "RUNNING" and 4 in _steps(tracker, run_id, "loss")
     system_before = _steps(tracker, run_id, SYSTEM[0])
-
-    done = max(int(c.name.split("-")[1]) for c in job.checkpoints.glob("checkpoint-*") if (c / "trainer_state.json").is_file())
 
     summary = launch(job, mlflow_run=run)
     assert summary["resumed_from"] == f"checkpoint-{done}" and summary["steps"] == steps
