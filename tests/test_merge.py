@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from paft.errors import PaftError
 from paft.merge import METHODS, MergeInput, full_deltas, get_method, lora_deltas, merge_models, merge_tensor
-from paft.merge.methods import magnitude, top_k_mask
+from paft.merge.methods import top_k_mask
 
 # ----------------------------------------------------------------------------- independent references
 # Plain Python / numpy, entry by entry, written from the method descriptions (TIES paper + mergekit's
@@ -99,6 +100,12 @@ def test_ties_matches_reference_random(lam, normalize):
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
 
 
+def magnitude(d, density, rescale_norm=None):
+    """One delta trimmed by magnitude (magnitude_prune of a single input onto a zero base)."""
+    return merge_tensor("magnitude_prune", torch.zeros_like(d), [d], [1.0], [density],
+                        rescale=rescale_norm is not None, rescale_norm=rescale_norm or "l1")
+
+
 def test_magnitude_trim_count_and_entries():
     d = t([[0.1, -5.0, 0.3], [2.0, -0.2, 0.05]])
     out = magnitude(d, 0.5)  # k = int(0.5 * 6) = 3
@@ -162,16 +169,23 @@ def test_magnitude_prune_by_hand():
     assert torch.allclose(got, t([10.0, 10 - 2 / 1.5, 10 + 1 / 1.5, 10 + 1 / 1.5]))
 
 
-def test_dare_ties_is_ties_over_dare_masks():
-    from paft.merge.methods import dare, tensor_generator
+def dare_masks(shape, densities, seed, name):
+    """The masks DARE draws: one generator per input and chunk of rows (here one chunk)."""
+    from paft.merge.methods import chunk_generator, random_mask
+    from paft.merge.select import chunks
 
+    assert len(chunks(shape)) == 1
+    return [random_mask(math.prod(shape), rho, chunk_generator(seed, name, i, 0)).view(shape)
+            for i, rho in enumerate(densities)]
+
+
+def test_dare_ties_is_ties_over_dare_masks():
     g = torch.Generator().manual_seed(5)
     base = torch.randn(30, 40, generator=g)
     deltas = [torch.randn(30, 40, generator=g) for _ in range(2)]
     weights, densities = [1.0, 0.6], [0.4, 0.7]
     got = merge_tensor("dare_ties", base, deltas, weights, densities, seed=9, name="w", rescale_norm="density")
-    dropped = [dare(d, rho, generator=tensor_generator(9, "w", i), rescale_norm="density")
-               for i, (d, rho) in enumerate(zip(deltas, densities))]
+    dropped = [d * m / rho for d, m, rho in zip(deltas, dare_masks((30, 40), densities, 9, "w"), densities)]
     want = ref_ties(base.numpy(), [x.numpy() for x in dropped], weights, [1.0, 1.0], normalize=False)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
     # dare_linear: the same masks, summed without sign election

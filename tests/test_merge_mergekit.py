@@ -12,8 +12,8 @@ the entries changed), saved with ``save_pretrained``; mergekit runs in-process (
   few distinct values, so many entries share the threshold value and which of them a top-k keeps is the
   sort's choice).
 
-With ``tie_break="sort"`` (default) we keep mergekit's choice, so every entry is within rounding; with
-``"index"`` the differences are only at the threshold ties. DARE is random: checked statistically (kept
+With ``tie_break="sort"`` we keep mergekit's choice, so every entry is within rounding; with
+``"index"`` (the default, no sort) the differences are only at the threshold ties. DARE is random: checked statistically (kept
 share, rescale factor, against mergekit's too) and for determinism under a seed.
 """
 
@@ -28,7 +28,7 @@ import torch
 mergekit = pytest.importorskip("mergekit", reason="mergekit (dev dependency) is not installed")
 
 from paft.merge import MergeInput, merge_models  # noqa: E402
-from paft.merge.methods import dare, keep_count, merge_tensor, tensor_generator  # noqa: E402
+from paft.merge.methods import chunk_generator, keep_count, merge_tensor  # noqa: E402
 
 MODELS = ("dense", "sparse")
 
@@ -155,6 +155,8 @@ def run_mergekit(
 
 
 def run_ours(root: Path, out: Path, method: str, weights, densities, **kwargs) -> dict[str, torch.Tensor]:
+    """Our merge of the same models; mergekit's top-k tie order (``tie_break="sort"``) unless told otherwise."""
+    kwargs.setdefault("tie_break", "sort")
     inputs = [MergeInput(root / m, weight=w, density=d) for m, w, d in zip(MODELS, weights, densities)]
     merge_models(root / "base", inputs, method, out, **kwargs)
     return weights_of(out)
@@ -333,33 +335,39 @@ def binomial_ok(kept: int, n: int, p: float, sigmas: float = 5.0) -> bool:
     return abs(kept - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
 
 
+def dare(d, p, rescale_norm=None):
+    """One delta after DARE's drop (dare_linear of a single input onto a zero base, seed 0)."""
+    return merge_tensor("dare_linear", torch.zeros_like(d), [d], [1.0], [p], name="w",
+                        rescale=rescale_norm is not None, rescale_norm=rescale_norm or "l1")
+
+
 def test_dare_mask_share_and_rescale():
     g = torch.Generator().manual_seed(7)
     d = torch.randn(300, 200, generator=g)
     n = d.numel()
     for p in (0.1, 0.3, 0.7):
-        exact = dare(d, p, generator=tensor_generator(0, "w", 0), rescale_norm="density")
+        exact = dare(d, p, rescale_norm="density")
         kept = exact != 0
         assert binomial_ok(int(kept.sum()), n, p), p
-        assert torch.equal(exact[kept], d[kept] / p)  # DARE paper / peft: kept entries times 1 / density
-        l1 = dare(d, p, generator=tensor_generator(0, "w", 0), rescale_norm="l1")
+        assert torch.allclose(exact[kept], d[kept] / p, rtol=1e-6, atol=0)  # DARE paper / peft: times 1 / density
+        l1 = dare(d, p, rescale_norm="l1")
         assert torch.equal(l1 != 0, kept)  # same generator, same mask
         factor = l1[kept] / d[kept]
         assert torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-6)  # one factor per tensor
         assert math.isclose(float(factor[0]), float(d.abs().sum() / d[kept].abs().sum()), rel_tol=1e-5)
         assert abs(float(factor[0]) * p - 1) < 0.05  # mergekit's l1 rescale is 1 / density on average
-        plain = dare(d, p, generator=tensor_generator(0, "w", 0))
+        plain = dare(d, p)
         assert torch.equal(plain[kept], d[kept])
     assert torch.equal(dare(d, 1.0), d)
 
 
-def test_dare_generators_depend_on_seed_name_and_input_only():
-    a = torch.rand(1000, generator=tensor_generator(3, "model.layers.0.q_proj.weight", 1))
-    b = torch.rand(1000, generator=tensor_generator(3, "model.layers.0.q_proj.weight", 1))
+def test_dare_generators_depend_on_seed_name_input_and_chunk_only():
+    a = torch.rand(1000, generator=chunk_generator(3, "model.layers.0.q_proj.weight", 1, 2))
+    b = torch.rand(1000, generator=chunk_generator(3, "model.layers.0.q_proj.weight", 1, 2))
     assert torch.equal(a, b)
-    for other in ((4, "model.layers.0.q_proj.weight", 1), (3, "model.layers.1.q_proj.weight", 1),
-                  (3, "model.layers.0.q_proj.weight", 0)):
-        assert not torch.equal(a, torch.rand(1000, generator=tensor_generator(*other)))
+    for other in ((4, "model.layers.0.q_proj.weight", 1, 2), (3, "model.layers.1.q_proj.weight", 1, 2),
+                  (3, "model.layers.0.q_proj.weight", 0, 2), (3, "model.layers.0.q_proj.weight", 1, 0)):
+        assert not torch.equal(a, torch.rand(1000, generator=chunk_generator(*other)))
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])

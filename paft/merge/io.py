@@ -1,39 +1,35 @@
-"""Merge model folders: base + one delta per input (LoRA adapter or full model) → a standalone model folder."""
+"""Merge model folders: base + one delta per input (LoRA adapter or full model) → a standalone model folder.
+
+The merge is streamed: tensors are memory-mapped (:mod:`paft.merge.tensors`) and merged one at a time, each
+in row chunks spread over threads (:func:`paft.merge.methods.merge_into`), and written as they come, in the
+base's shards. Memory holds one tensor group (the base tensor, a delta per input, the output) at a time,
+not the model. Everything that can be checked before writing is (options, folders, configs, names, shapes,
+adapter bases); the output is written to a temporary folder renamed into place when whole, so an error
+(a non-finite value found while merging, say) leaves no output behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from paft.errors import PaftError
-from paft.io import atomic_dir, write_json
-from paft.merge.deltas import (
-    INDEX_FILE,
-    check_delta_dtype,
-    is_adapter,
-    load_deltas,
-    missing_in_base,
-    read_weights,
-    weight_files,
-)
-from paft.merge.methods import (
-    RESCALE_NORMS,
-    SIGN_NAMES,
-    TIE_BREAKS,
-    RescaleNorm,
-    TieBreak,
-    combine,
-    get_method,
-    sign_method,
-    sparsify,
-    tensor_generator,
-)
+from paft.io import atomic_dir, read_json, write_json
+from paft.merge.deltas import ADAPTER_CONFIG, DeltaItem, delta_items, is_adapter
+from paft.merge.methods import SIGN_NAMES, NonFinite, RescaleNorm, TieBreak, merge_into, resolve
+from paft.merge.select import chunks
+from paft.merge.tensors import INDEX_FILE, ModelWeights, write_safetensors
 
 SUMMARY_FILE = "merge_summary.json"
+CARD_FILE = "README.md"
 # Non-weight files of the base that the merged folder needs to load and run as the base does.
 COPIED_FILES = (
     "config.json",
@@ -46,6 +42,9 @@ COPIED_FILES = (
     "chat_template*",
     "*.model",  # sentencepiece
 )
+# config.json keys that must agree between the base and a full fine-tuned model (architecture and shapes)
+ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "intermediate_size", "head_dim", "n_embd", "n_layer", "n_head")
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,62 @@ def _check_inputs(base_dir: Path, inputs: list[MergeInput], out_dir: Path) -> No
             raise PaftError(f"{out_dir}: the merge output folder must differ from the base and the inputs")
 
 
+def _check_config(base_cfg: dict, input_dir: Path, allow_vocab_mismatch: bool) -> None:
+    """A full fine-tuned model must have the base's architecture (and vocabulary, unless allowed)."""
+    path = input_dir / "config.json"
+    if not path.is_file():
+        return  # a folder of weights only: the tensor names and shapes are still checked
+    cfg = read_json(path)
+    for key in ARCH_KEYS:
+        if key in base_cfg and key in cfg and cfg[key] != base_cfg[key]:
+            raise PaftError(f"{path}: {key} is {cfg[key]!r}, the base's is {base_cfg[key]!r} (another architecture)")
+    vb, vi = base_cfg.get("vocab_size"), cfg.get("vocab_size")
+    if vb is not None and vi is not None and vb != vi and not allow_vocab_mismatch:
+        raise PaftError(
+            f"{path}: vocab_size is {vi}, the base's is {vb} (allow_vocab_mismatch merges the rows they share)"
+        )
+
+
+def _check_adapter_base(base_dir: Path, adapter_dir: Path) -> None:
+    """An adapter records the base it was trained on (``base_model_name_or_path``): it must be this base.
+
+    The same folder (resolved), a folder with the same config and weight files (same names and sizes), or a
+    hub id naming it (the base's recorded ``_name_or_path``, or its folder's name as the id's last part)."""
+    recorded = read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not recorded:
+        return
+    rec = Path(recorded)
+    if rec.is_dir():
+        if rec.resolve() == base_dir.resolve() or _fingerprint(rec) == _fingerprint(base_dir):
+            return
+    else:
+        name = read_json(base_dir / "config.json").get("_name_or_path")
+        if recorded in (name, str(base_dir)) or recorded.rstrip("/").split("/")[-1] == base_dir.resolve().name:
+            return
+    raise PaftError(
+        f"{adapter_dir}: adapter was trained on base {recorded!r}, not {base_dir} "
+        "(ignore_adapter_base / --ignore-adapter-base merges it anyway)"
+    )
+
+
+def _fingerprint(model_dir: Path) -> tuple:
+    files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == INDEX_FILE)
+    cfg = read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
+    cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")}
+    return cfg, [(p.name, p.stat().st_size) for p in files]
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """Run torch ops single-threaded inside (the merge spreads chunks over its own threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def merge_models(
     base_dir: str | Path,
     inputs: list[MergeInput],
@@ -84,19 +139,25 @@ def merge_models(
     rescale: bool | None = None,
     rescale_norm: RescaleNorm = "l1",
     sign: str | None = None,
-    tie_break: TieBreak = "sort",
+    tie_break: TieBreak = "index",
     delta_dtype: str = "input",
+    threads: int | None = None,
+    allow_vocab_mismatch: bool = False,
+    ignore_adapter_base: bool = False,
 ) -> dict:
     """Merge ``inputs`` into ``base_dir`` with ``method``; write ``out_dir`` atomically; return the summary.
 
     Options (mergekit's parameters of the same name, see :mod:`paft.merge.methods`): ``normalize``
     and ``rescale`` (None: the method's default), ``rescale_norm`` (``l1``: mergekit's norm-preserving
     rescale; ``density``: DARE's ``1 / density``), ``lambda_``, ``sign`` (majority sign method of ties /
-    dare_ties: ``total`` (default) or ``frequency``), ``seed`` (DARE's masks: one generator per tensor
-    and input, from a hash of seed, input index and tensor name), ``tie_break`` (entries tied at a
-    top-k threshold: ``sort``, mergekit's choice; ``index``, lowest index first), ``delta_dtype``
-    (``input``: a full model's delta is formed in the tensors' dtype, e.g. bf16, as mergekit does by
-    default; ``float32``: exact float32 difference, mergekit's ``dtype: float32``).
+    dare_ties: ``total`` (default) or ``frequency``), ``seed`` (DARE's masks), ``tie_break`` (entries tied
+    at a top-k threshold: ``index``, lowest index first, no sort; ``sort``, mergekit's choice by a full
+    sort), ``delta_dtype`` (``input``: a full model's delta is formed in the tensors' dtype, e.g. bf16, as
+    mergekit does by default; ``float32``: exact float32 difference, mergekit's ``dtype: float32``).
+    ``threads``: worker threads (default: the CPUs this process may use). ``allow_vocab_mismatch``: a
+    full model (or a delta) with another vocabulary size merges the rows it shares with the base (its extra
+    rows are dropped; base rows it lacks get no delta from it). ``ignore_adapter_base``: merge a LoRA
+    adapter whose recorded base is not ``base_dir`` (shapes are still checked).
 
     Tensors that no input changes are copied unchanged (except ``linear`` without normalize, whose
     weights do not sum to 1: it scales every tensor, as mergekit's ``sum_i w_i m_i``); an input without a
@@ -105,67 +166,101 @@ def merge_models(
     the base's file layout (same shards and index), so weight tying and tensor names stay as the base
     has them.
     """
-    spec = get_method(method)
+    started = time.perf_counter()
+    opts = resolve(method, normalize=normalize, lambda_=lambda_, rescale=rescale, rescale_norm=rescale_norm,
+                   sign=sign, tie_break=tie_break, seed=seed)
+    spec = opts.spec
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     _check_inputs(base_dir, inputs, out_dir)
-    normalize = spec.default_normalize if normalize is None else bool(normalize)
-    consensus = sign_method(spec, sign)
-    if rescale_norm not in RESCALE_NORMS:
-        raise PaftError(f"unknown rescale norm {rescale_norm!r}; known: {', '.join(RESCALE_NORMS)}")
-    if tie_break not in TIE_BREAKS:
-        raise PaftError(f"unknown tie_break {tie_break!r}; known: {', '.join(TIE_BREAKS)}")
-    check_delta_dtype(delta_dtype)
-    rescale = (spec.default_rescale if rescale is None else bool(rescale)) if spec.sparsification else None
+    threads = max(1, threads or len(os.sched_getaffinity(0)))
 
-    files = weight_files(base_dir)
-    base = read_weights(base_dir)
-    deltas: list[dict[str, torch.Tensor]] = []
+    base = ModelWeights(base_dir)
+    base_cfg = read_json(base_dir / "config.json")
+    items: list[dict[str, DeltaItem]] = []
     for inp in inputs:
-        d = load_deltas(base_dir, inp.path, base, dtype=delta_dtype)
-        for name, t in d.items():
-            if name not in base:
-                raise missing_in_base(name, inp.path)
-            if t.shape != base[name].shape:
-                raise PaftError(
-                    f"{inp.path}: delta for {name!r} has shape {tuple(t.shape)}, "
-                    f"base has {tuple(base[name].shape)}"
-                )
-        deltas.append(d)
+        path = Path(inp.path)
+        if not path.is_dir():
+            raise PaftError(f"{path}: merge input folder does not exist")
+        if is_adapter(path):
+            if not ignore_adapter_base:
+                _check_adapter_base(base_dir, path)
+        else:
+            _check_config(base_cfg, path, allow_vocab_mismatch)
+        found = {it.name: it for it in delta_items(base, path, dtype=delta_dtype, vocab_rows=allow_vocab_mismatch)}
+        if not is_adapter(path):
+            for name in base.names():
+                if name not in found:
+                    raise PaftError(f"{path}: tensor {name!r} of the base is missing")
+        items.append(found)
 
-    names = set().union(*deltas)
-    if spec.of_models and not normalize and sum(i.weight for i in inputs) != 1:
-        names |= {n for n, t in base.items() if t.is_floating_point()}
+    names = set().union(*items)
+    if spec.of_models and not opts.normalize and sum(i.weight for i in inputs) != 1:
+        names |= {n for n in base.names() if base.dtype(n).is_floating_point}
     stats = [{"tensors": 0, "params": 0, "nonzero": 0, "kept": 0} for _ in inputs]
-    merged: dict[str, torch.Tensor] = {}
-    for name in sorted(names):
-        b = base[name]
-        trimmed = []
-        for i, (inp, d) in enumerate(zip(inputs, deltas, strict=True)):
-            t = d.get(name)
-            if t is None:
-                trimmed.append(torch.zeros(b.shape, dtype=torch.float32))
-                continue
-            s = sparsify(
-                spec,
-                t,
-                inp.density,
-                rescale=rescale,
-                rescale_norm=rescale_norm,
-                tie_break=tie_break,
-                generator=tensor_generator(seed, name, i) if spec.sparsification == "random" else None,
-            )
-            st = stats[i]
-            st["tensors"] += 1
-            st["params"] += t.numel()
-            st["nonzero"] += int(torch.count_nonzero(t))
-            st["kept"] += int(torch.count_nonzero(s))
-            trimmed.append(s)
-        mixed = combine(
-            spec, trimmed, [i.weight for i in inputs], normalize=normalize, lambda_=lambda_, sign=consensus, base=b
-        )
-        merged[name] = (b.float() + mixed).to(b.dtype)
+    weights, densities = [i.weight for i in inputs], [i.density for i in inputs]
 
-    summary = {
+    with ThreadPoolExecutor(threads) as pool, _intra_op_threads(1):
+        def run(f, n):
+            return list(pool.map(f, range(n))) if n > 1 else [f(c) for c in range(n)]
+
+        def merged(name: str) -> torch.Tensor:
+            b = base.get(name)
+            spans = chunks(b.shape)
+            row = b.numel() // b.shape[0] if b.dim() > 1 else 1
+            deltas: list[torch.Tensor | None] = []
+            for found in items:
+                it = found.get(name)
+                if it is None:
+                    deltas.append(None)
+                    continue
+                d = torch.empty(b.shape, dtype=it.dtype)
+
+                def fill(c, d=d, it=it):
+                    r0, r1 = spans[c][0] // row, spans[c][1] // row
+                    d[r0:r1] = it.rows(r0, r1)
+
+                run(fill, len(spans))
+                deltas.append(d)
+            out = torch.empty(b.shape, dtype=b.dtype)
+            try:
+                return merge_into(out, opts, b, deltas, weights, densities, name=name, run=run, stats=stats)
+            except NonFinite as e:
+                culprit = base_dir if not bool(torch.isfinite(b.float()).all()) else inputs[e.index].path
+                raise PaftError(f"{culprit}: tensor {name!r} has non-finite values (inf or NaN)") from None
+
+        def tensors(file_names: list[str]):
+            for n in file_names:
+                yield merged(n) if n in names else base.get(n)
+                base.release(n)  # written: its pages can go
+                for found in items:
+                    if n in found:
+                        found[n].release()
+
+        with atomic_dir(out_dir) as tmp:
+            for fname, file_names in base.layout().items():
+                write_safetensors(
+                    tmp / fname,
+                    [(n, base.dtype(n), base.shape(n)) for n in file_names],
+                    tensors(file_names),
+                    {**base.files[fname].metadata, "format": "pt"},
+                )
+            if (base_dir / INDEX_FILE).is_file():
+                shutil.copy2(base_dir / INDEX_FILE, tmp / INDEX_FILE)
+            for pattern in COPIED_FILES:
+                for f in base_dir.glob(pattern):
+                    if f.is_file() and not (tmp / f.name).exists():
+                        shutil.copy2(f, tmp / f.name)
+            summary = _summary(opts, base_dir, inputs, stats, delta_dtype, len(names), len(base.names()) - len(names))
+            summary["threads"] = threads
+            summary["seconds"] = round(time.perf_counter() - started, 3)
+            write_json(tmp / SUMMARY_FILE, summary)
+    return summary
+
+
+def _summary(opts, base_dir: Path, inputs: list[MergeInput], stats: list[dict], delta_dtype: str,
+             merged: int, copied: int) -> dict:
+    spec = opts.spec
+    return {
         "method": spec.name,
         "reference": spec.reference,
         "base": str(base_dir),
@@ -183,45 +278,16 @@ def merge_models(
             }
             for inp, st in zip(inputs, stats, strict=True)
         ],
-        "lambda": lambda_,
-        "normalize": normalize,
+        "lambda": opts.lambda_,
+        "normalize": opts.normalize,
         # options of the methods that use them (None where the method has no such step)
-        "rescale": rescale,
-        "rescale_norm": rescale_norm if rescale else None,
-        "sign": SIGN_NAMES[consensus] if consensus else None,
-        "tie_break": tie_break if spec.sparsification == "magnitude" else None,
+        "rescale": opts.rescale_norm is not None if spec.sparsification else None,
+        "rescale_norm": opts.rescale_norm,
+        "sign": SIGN_NAMES[opts.consensus] if opts.consensus else None,
+        "tie_break": opts.tie_break if spec.sparsification == "magnitude" else None,
         "delta_dtype": delta_dtype,
-        "seed": seed,
+        "seed": opts.seed,
         "mergekit": spec.mergekit,
-        "tensors_merged": len(merged),
-        "tensors_copied": len(base) - len(merged),
+        "tensors_merged": merged,
+        "tensors_copied": copied,
     }
-
-    with atomic_dir(out_dir) as tmp:
-        _write_weights(base_dir, files, base, merged, tmp)
-        for pattern in COPIED_FILES:
-            for f in base_dir.glob(pattern):
-                if f.is_file() and not (tmp / f.name).exists():
-                    shutil.copy2(f, tmp / f.name)
-        write_json(tmp / SUMMARY_FILE, summary)
-    return summary
-
-
-def _write_weights(
-    base_dir: Path,
-    files: dict[str, list[str]],
-    base: dict[str, torch.Tensor],
-    merged: dict[str, torch.Tensor],
-    dest: Path,
-) -> None:
-    """Write the merged weights in the base's layout: same file names, same tensors per file, same index."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    for fname, names in files.items():
-        with safe_open(str(base_dir / fname), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = {n: merged.get(n, base[n]).contiguous() for n in names}
-        save_file(tensors, str(dest / fname), metadata={**metadata, "format": "pt"})
-    if (base_dir / INDEX_FILE).is_file():
-        shutil.copy2(base_dir / INDEX_FILE, dest / INDEX_FILE)

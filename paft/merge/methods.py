@@ -19,12 +19,12 @@ float32; ``linear`` is ``mergekit/merge_methods/linear.py``. tests/test_merge_me
 same models and compares every output tensor. Where they differ:
 
 - arithmetic is float32 (mergekit computes in the tensors' dtype, e.g. bf16, weights rounded to it too);
-- the top-k order among entries whose ``|delta|`` equals the k-th largest: ``tie_break="sort"`` takes
+- the top-k order among entries whose ``|delta|`` equals the k-th largest: ``tie_break="index"`` (default)
+  keeps the lowest flat indices, found without sorting (:mod:`paft.merge.select`); ``"sort"`` takes
   mergekit's (the order of a full descending ``torch.argsort`` of ``|delta|`` as float32 on CPU, so the
-  same torch build picks the same entries; mergekit on a GPU sorts there); ``"index"`` keeps the lowest
-  flat indices, without a full sort;
-- DARE draws its masks from a ``torch.Generator`` per (seed, tensor name, input), so a seed reproduces
-  a merge whatever the order tensors are processed in (mergekit draws from torch's global RNG);
+  same torch build picks the same entries; mergekit on a GPU sorts there), at a full sort's cost;
+- DARE draws its masks from a ``torch.Generator`` per (seed, input, tensor name, chunk of rows), so a seed
+  reproduces a merge whatever the order or threads chunks run in (mergekit draws from torch's global RNG);
 - ``magnitude_prune`` (peft's name: magnitude sparsification, then a weighted sum) has no method in
   mergekit: it is mergekit's generalized task arithmetic with ``sparsification_method=magnitude`` and no
   consensus (the nearest registered one, ``breadcrumbs`` with ``gamma: 0``, keeps the same entries except
@@ -37,13 +37,14 @@ same models and compares every output tensor. Where they differ:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from paft.errors import PaftError
+from paft.merge.select import chunks, top_k
 
 Sparsification = Literal["magnitude", "random"]
 Consensus = Literal["sum", "count"]
@@ -101,143 +102,53 @@ def sign_method(spec: MethodSpec, sign: str | None) -> Consensus | None:
     return spec.consensus if sign is None else SIGN_METHODS[sign]
 
 
+def check_option(kind: str, value: str, known: Sequence[str]) -> str:
+    if value not in known:
+        raise PaftError(f"unknown {kind} {value!r}; known: {', '.join(known)}")
+    return value
+
+
 # ----------------------------------------------------------------------------- step 1: sparsify
 def keep_count(numel: int, density: float) -> int:
     """mergekit ``sparsify.magnitude``: ``max(1, int(density * numel))`` entries (``density < 1``)."""
     return max(1, int(density * numel)) if numel else 0
 
 
-def top_k_mask(delta: torch.Tensor, k: int, tie_break: TieBreak = "sort") -> torch.Tensor:
+def top_k_mask(delta: torch.Tensor, k: int, tie_break: TieBreak = "index") -> torch.Tensor:
     """Bool mask of the ``k`` entries of largest ``|delta|``.
 
     Entries above the k-th largest ``|delta|`` are always kept; among those equal to it (ties at the
     threshold, frequent in bf16 deltas, which take few distinct values) ``tie_break`` decides:
-    ``"sort"`` keeps mergekit's choice, the first of a full descending ``torch.argsort`` of ``|delta|`` as
-    float32 (CPU); ``"index"`` keeps the lowest flat indices (no full sort).
+    ``"index"`` keeps the lowest flat indices (:mod:`paft.merge.select`, no sort); ``"sort"`` keeps
+    mergekit's choice, the first of a full descending ``torch.argsort`` of ``|delta|`` as float32 (CPU).
     """
-    a = delta.detach().abs().reshape(-1)
-    if a.device.type == "cpu":
-        a = a.float()
-    n = a.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=a.device)
+    check_option("tie_break", tie_break, TIE_BREAKS)
+    flat = delta.detach().reshape(-1)
+    n = flat.numel()
     if k >= n:
-        mask[:] = True
-    elif k > 0:
-        if tie_break == "sort":
-            mask[torch.argsort(a, descending=True)[:k]] = True
-        elif tie_break == "index":
-            threshold = torch.topk(a, k, sorted=False).values.min()
-            mask = a > threshold
-            need = k - int(mask.sum())
-            if need > 0:
-                mask[torch.nonzero(a == threshold).reshape(-1)[:need]] = True
-        else:
-            raise PaftError(f"unknown tie_break {tie_break!r}; known: {', '.join(TIE_BREAKS)}")
-    return mask.view(delta.shape)
+        return torch.ones(delta.shape, dtype=torch.bool)
+    if tie_break == "sort":
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.argsort(flat.abs().float(), descending=True)[:k]] = True
+        return mask.view(delta.shape)
+    spans = chunks(delta.shape)
+    plan = top_k(lambda c: flat[spans[c][0]: spans[c][1]], spans, k, flat.dtype)
+    return torch.cat([plan.mask(flat[s:e], c) for c, (s, e) in enumerate(spans)]).view(delta.shape)
 
 
-def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DARE: keep each entry independently with probability ``density`` (``U[0, 1) < density``)."""
-    return torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device) < density
-
-
-def rescaled(delta: torch.Tensor, mask: torch.Tensor, norm: RescaleNorm | None, density: float) -> torch.Tensor:
-    """``delta * mask``, scaled up to make up for what was dropped (mergekit ``rescaled_masked_tensor``).
-
-    ``l1``: by ``||delta||_1 / ||delta * mask||_1`` (left unscaled where either is below 1e-7, as mergekit);
-    ``density``: by ``1 / density``; None: not at all.
-    """
-    kept = delta * mask
-    if norm is None:
-        return kept
-    if norm == "density":
-        return kept / density
-    if norm == "l1":
-        before, after = float(delta.abs().sum()), float(kept.abs().sum())
-        return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
-    raise PaftError(f"unknown rescale norm {norm!r}; known: {', '.join(RESCALE_NORMS)}")
-
-
-def magnitude(
-    delta: torch.Tensor,
-    density: float,
-    *,
-    rescale_norm: RescaleNorm | None = None,
-    tie_break: TieBreak = "sort",
-) -> torch.Tensor:
-    """Keep the ``max(1, int(density * numel))`` entries of largest ``|delta|``, zero the rest (mergekit
-    ``sparsify.magnitude``); see :func:`top_k_mask` for ties and :func:`rescaled` for ``rescale_norm``."""
-    if density >= 1:
-        return delta
-    mask = top_k_mask(delta, keep_count(delta.numel(), density), tie_break)
-    return rescaled(delta, mask, rescale_norm, density)
-
-
-def dare(
-    delta: torch.Tensor,
-    density: float,
-    *,
-    generator: torch.Generator | None = None,
-    rescale_norm: RescaleNorm | None = None,
-) -> torch.Tensor:
-    """DARE's random drop (mergekit ``sparsify.bernoulli``): keep each entry with probability ``density``."""
-    if density >= 1:
-        return delta
-    return rescaled(delta, random_mask(delta, density, generator), rescale_norm, density)
-
-
-def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
-    """A generator for one input's mask of one tensor: a stable hash of (seed, input index, tensor name)."""
-    digest = hashlib.blake2b(f"{int(seed)}\0{int(index)}\0{name}".encode(), digest_size=8).digest()
+def chunk_generator(seed: int, name: str, index: int, chunk: int) -> torch.Generator:
+    """DARE's generator for one input's mask of one chunk of a tensor: a stable hash of (seed, input index,
+    tensor name, chunk index), so a seed reproduces a merge whatever the order or threads chunks run in."""
+    digest = hashlib.blake2b(f"{int(seed)}\0{int(index)}\0{name}\0{int(chunk)}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
-def sparsify(
-    spec: MethodSpec,
-    delta: torch.Tensor,
-    density: float,
-    *,
-    rescale: bool | None = None,
-    rescale_norm: RescaleNorm = "l1",
-    tie_break: TieBreak = "sort",
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Step 1 for one input's delta (unchanged if the method does not sparsify).
-
-    ``rescale`` defaults to the method's (on for DARE); ``generator`` draws DARE's mask (see
-    :func:`tensor_generator`; None: torch's global RNG).
-    """
-    if spec.sparsification is None:
-        return delta
-    rescale = spec.default_rescale if rescale is None else rescale
-    if rescale_norm not in RESCALE_NORMS:
-        raise PaftError(f"unknown rescale norm {rescale_norm!r}; known: {', '.join(RESCALE_NORMS)}")
-    norm = rescale_norm if rescale else None
-    if spec.sparsification == "magnitude":
-        return magnitude(delta, density, rescale_norm=norm, tie_break=tie_break)
-    return dare(delta, density, generator=generator, rescale_norm=norm)
+def random_mask(numel: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density`` (``U[0, 1) < density``)."""
+    return torch.rand(numel, generator=generator, dtype=torch.float32) < density
 
 
 # ----------------------------------------------------------------------------- steps 2-4
-def sign_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
-    """mergekit ``get_mask``: True where an input's weighted delta has the elected sign.
-
-    ``total`` (``sum``): elected sign = sign of the sum of weighted deltas (the TIES paper);
-    ``frequency`` (``count``): sign of the sum of their signs. A zero total elects ``+``. Zero entries
-    never agree.
-    """
-    method = SIGN_METHODS.get(method, method)
-    sign = weighted.sign()
-    if method == "sum":
-        total = weighted.sum(dim=0)
-    elif method == "count":
-        total = sign.sum(dim=0)
-    else:
-        raise PaftError(f"unknown majority sign method {method!r}; known: total, frequency (or sum, count)")
-    elected = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
-    return sign == elected
-
-
 def combine(
     spec: MethodSpec,
     deltas: Sequence[torch.Tensor],
@@ -251,35 +162,195 @@ def combine(
     """Steps 2-4 on already sparsified deltas (one per input, same shape): the merged delta (float32).
 
     Without consensus: ``m = sum_i w_i d_i``, normalized by ``sum_i w_i`` (left as is when ``|sum| < 1e-8``).
-    With consensus (``sign``, default the method's): ``m = sum_i w_i d_i [agree_i]``, normalized per entry
-    by ``sum_i w_i [agree_i]`` (left as is where that is 0). Then ``m *= lambda`` (after normalizing, as
-    mergekit). ``linear`` without normalize is mergekit's ``sum_i w_i m_i`` with ``m_i = base + d_i``: it
-    adds ``(sum_i w_i - 1) * base`` (needs ``base``); mergekit's linear has no ``lambda``, here it scales
-    the difference from the base.
+    With consensus (``sign``, default the method's; mergekit ``get_mask``): the elected sign of an entry is
+    that of ``sum_i w_i d_i`` (``total``) or of ``sum_i sign(w_i d_i)`` (``frequency``), ``+`` when that is
+    0; ``m = sum_i w_i d_i [agree_i]`` over the inputs whose weighted delta has the elected sign (zeros never
+    agree), normalized per entry by ``sum_i w_i [agree_i]`` (left as is where that is 0). Then
+    ``m *= lambda`` (after normalizing, as mergekit). ``linear`` without normalize is mergekit's
+    ``sum_i w_i m_i`` with ``m_i = base + d_i``: it adds ``(sum_i w_i - 1) * base`` (needs ``base``);
+    mergekit's linear has no ``lambda``, here it scales the difference from the base.
     """
     normalize = spec.default_normalize if normalize is None else normalize
     consensus = sign_method(spec, sign)
-    stacked = torch.stack([d.float() for d in deltas])
-    w = torch.tensor([float(x) for x in weights], dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
-    weighted = stacked * w
-    if consensus is not None:
-        mask = sign_mask(weighted, consensus).to(stacked.dtype)
-        merged = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        merged = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    if normalize:
-        merged = merged / divisor
-    elif spec.of_models:
-        total = float(sum(float(x) for x in weights))
-        if total != 1:
+    weights = [float(x) for x in weights]
+    if consensus is None:
+        merged = sum(d.float() * w for d, w in zip(deltas, weights, strict=True))
+        total = sum(weights)
+        if normalize and abs(total) >= 1e-8:
+            merged = merged / total
+        elif not normalize and spec.of_models and total != 1:
             if base is None:
                 raise PaftError("linear without normalize scales the base by the sum of the weights: pass base")
             merged = merged + (total - 1) * base.float()
+    else:
+        # sums over the positive and over the negative weighted entries: the elected side's sum is the merge
+        acc: list[torch.Tensor] | None = None
+        for d, w in zip(deltas, weights, strict=True):
+            wd = d.float() * w
+            p = wd.clamp(min=0)
+            terms = [p, wd - p]
+            if normalize or consensus == "count":
+                gt, lt = (wd > 0).float(), (wd < 0).float()
+                if normalize:
+                    terms += [gt * w, lt * w]
+                if consensus == "count":
+                    terms.append(gt - lt)
+            acc = terms if acc is None else [x.add_(t) for x, t in zip(acc, terms, strict=True)]
+        pos, neg = acc[0], acc[1]
+        elected = (pos + neg >= 0) if consensus == "sum" else (acc[-1] >= 0)
+        merged = torch.where(elected, pos, neg)
+        if normalize:
+            divisor = torch.where(elected, acc[2], acc[3])
+            merged = torch.where(divisor == 0, merged, merged / divisor)
     return merged * lambda_ if lambda_ != 1 else merged
+
+
+# ----------------------------------------------------------------------------- one tensor
+@dataclass(frozen=True)
+class Options:
+    """A merge's options, resolved against the method (see :func:`resolve`)."""
+
+    spec: MethodSpec
+    normalize: bool
+    lambda_: float
+    rescale_norm: RescaleNorm | None  # None: kept entries are not scaled up
+    consensus: Consensus | None
+    tie_break: TieBreak
+    seed: int
+
+
+def resolve(
+    method: str | MethodSpec,
+    *,
+    normalize: bool | None = None,
+    lambda_: float = 1.0,
+    rescale: bool | None = None,
+    rescale_norm: RescaleNorm = "l1",
+    sign: str | None = None,
+    tie_break: TieBreak = "index",
+    seed: int = 0,
+) -> Options:
+    """Check the options and fill the method's defaults (``normalize``, ``rescale``, sign)."""
+    spec = get_method(method) if isinstance(method, str) else method
+    check_option("rescale norm", rescale_norm, RESCALE_NORMS)
+    check_option("tie_break", tie_break, TIE_BREAKS)
+    rescale = spec.default_rescale if rescale is None else bool(rescale)
+    return Options(
+        spec,
+        spec.default_normalize if normalize is None else bool(normalize),
+        float(lambda_),
+        rescale_norm if rescale and spec.sparsification else None,
+        sign_method(spec, sign),
+        tie_break,
+        int(seed),
+    )
+
+
+Run = Callable[[Callable[[int], object], int], list]
+
+
+def serial(f: Callable[[int], object], n: int) -> list:
+    return [f(c) for c in range(n)]
+
+
+class NonFinite(PaftError):
+    def __init__(self, index: int):
+        super().__init__(f"input {index} has non-finite values")
+        self.index = index
+
+
+def merge_into(
+    out: torch.Tensor,
+    opts: Options,
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor | None],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    name: str = "",
+    run: Run = serial,
+    stats: list[dict] | None = None,
+) -> torch.Tensor:
+    """``out = base + combine(sparsify(d_i))`` (rounded to ``out``'s dtype), chunk by chunk.
+
+    ``deltas[i]`` is None where input ``i`` leaves the tensor as the base (a zero delta); ``run(f, n)`` maps
+    the per-chunk work over chunks (``serial``, or threads: chunks are independent). Step 1 for one input
+    (see the module docstring): ``magnitude`` plans its top-k over the whole tensor first
+    (:func:`top_k_mask`'s rule); ``random`` draws each chunk's mask from :func:`chunk_generator`; ``l1``
+    rescaling sums ``|d|`` and ``|kept|`` over the whole tensor first. ``stats[i]`` (if given) accumulates
+    ``nonzero`` (entries of the delta) and ``kept`` (after step 1). Raises :class:`NonFinite` for an input
+    whose delta has an inf or NaN.
+    """
+    spec = opts.spec
+    spans = chunks(base.shape)
+    flat_base, flat_out = base.reshape(-1), out.view(-1)
+    flat = [None if d is None else d.reshape(-1) for d in deltas]
+    masks: list[Callable[[torch.Tensor, int], torch.Tensor] | None] = []  # (chunk as stored, index) -> keep
+    for i, (d, rho) in enumerate(zip(flat, densities, strict=True)):
+        if d is None or spec.sparsification is None or rho >= 1:
+            masks.append(None)
+        elif spec.sparsification == "random":
+            masks.append(lambda x, c, i=i, rho=rho: random_mask(x.numel(), rho, chunk_generator(opts.seed, name, i, c)))
+        elif opts.tie_break == "sort":
+            full = top_k_mask(d, keep_count(d.numel(), rho), "sort")
+            masks.append(lambda x, c, full=full: full[spans[c][0]: spans[c][1]])
+        else:
+            plan = top_k(lambda c, d=d: d[spans[c][0]: spans[c][1]], spans, keep_count(d.numel(), rho), d.dtype, run)
+            if plan.nonfinite:
+                raise NonFinite(i)
+            masks.append(plan.mask)
+    scales = []
+    for d, mask, rho in zip(flat, masks, densities, strict=True):
+        if mask is None or opts.rescale_norm is None:
+            scales.append(1.0)
+        elif opts.rescale_norm == "density":
+            scales.append(1.0 / rho)
+        else:  # l1: mergekit's rescaled_masked_tensor (unscaled where either norm is below 1e-7)
+            def sums(c, d=d, mask=mask):
+                raw = d[spans[c][0]: spans[c][1]]
+                x = raw.float().abs()
+                return float(x.sum()), float((x * mask(raw, c)).sum())
+            parts = run(sums, len(spans))
+            before, after = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            scales.append(1.0 if before < 1e-7 or after < 1e-7 else before / after)
+
+    def chunk(c: int) -> list[tuple[int, int]]:
+        s, e = spans[c]
+        trimmed, counts = [], []
+        for i, (d, mask, scale) in enumerate(zip(flat, masks, scales, strict=True)):
+            if d is None:
+                trimmed.append(torch.zeros(e - s))
+                counts.append((0, 0))
+                continue
+            raw = d[s:e]
+            x = raw.float()
+            if not bool(torch.isfinite(x).all()):
+                raise NonFinite(i)
+            y = x if mask is None else x * mask(raw, c)
+            if scale != 1.0:
+                y = y * scale
+            trimmed.append(y)
+            if stats is not None:
+                counts.append((int(torch.count_nonzero(x)), int(torch.count_nonzero(y)) if mask is not None else -1))
+        b = flat_base[s:e]
+        mixed = combine(spec, trimmed, weights, normalize=opts.normalize, lambda_=opts.lambda_,
+                        sign=opts.consensus, base=b)
+        flat_out[s:e] = b.float() + mixed
+        return counts
+
+    results = run(chunk, len(spans))
+    if stats is not None:
+        for i, d in enumerate(flat):
+            if d is None:
+                continue
+            nonzero = sum(r[i][0] for r in results)
+            kept = sum(r[i][1] for r in results)
+            st = stats[i]
+            st["tensors"] += 1
+            st["params"] += d.numel()
+            st["nonzero"] += nonzero
+            st["kept"] += nonzero if masks[i] is None else kept
+    return out
 
 
 def merge_tensor(
@@ -289,29 +360,11 @@ def merge_tensor(
     weights: Sequence[float],
     densities: Sequence[float] | None = None,
     *,
-    normalize: bool | None = None,
-    lambda_: float = 1.0,
-    rescale: bool | None = None,
-    rescale_norm: RescaleNorm = "l1",
-    sign: str | None = None,
-    tie_break: TieBreak = "sort",
-    seed: int = 0,
     name: str = "",
+    **options,
 ) -> torch.Tensor:
-    """One merged tensor (float32): ``base + combine(sparsify(d_i))``; DARE's masks from (seed, name, i)."""
-    spec = get_method(spec) if isinstance(spec, str) else spec
+    """One merged tensor (float32): ``base + combine(sparsify(d_i))``; ``options`` as :func:`resolve`."""
+    opts = resolve(spec, **options)
     densities = [1.0] * len(deltas) if densities is None else densities
-    trimmed = [
-        sparsify(
-            spec,
-            d.float(),
-            rho,
-            rescale=rescale,
-            rescale_norm=rescale_norm,
-            tie_break=tie_break,
-            generator=tensor_generator(seed, name, i) if spec.sparsification == "random" else None,
-        )
-        for i, (d, rho) in enumerate(zip(deltas, densities, strict=True))
-    ]
-    mixed = combine(spec, trimmed, weights, normalize=normalize, lambda_=lambda_, sign=sign, base=base)
-    return base.float() + mixed
+    out = torch.empty(base.shape, dtype=torch.float32)
+    return merge_into(out, opts, base, deltas, weights, densities, name=name)

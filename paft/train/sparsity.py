@@ -28,11 +28,9 @@ Output folder (written atomically): ``sparsity.json`` (the report), ``hist_<name
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +38,8 @@ import torch
 
 from paft.errors import PaftError
 from paft.io import atomic_dir, write_json
-from paft.merge.deltas import (
-    PEFT_PREFIX,
-    _LORA_PARTS,
-    _scale,
-    adapter_files,
-    is_adapter,
-    missing_in_base,
-    weight_files,
-)
+from paft.merge.deltas import delta_items, is_adapter
+from paft.merge.tensors import ModelWeights
 
 REPORT_FILE = "sparsity.json"
 HIST_SAMPLE = 2_000_000  # entries per input drawn for the histograms (about; each tensor gets its share)
@@ -70,140 +61,11 @@ DEFINITIONS = {
 }
 
 
-# ----------------------------------------------------------------------------- lazy tensors
-class _Folder:
-    """The tensors of a safetensors model folder, memory-mapped, read one at a time."""
-
-    def __init__(self, model_dir: Path, stack: contextlib.ExitStack):
-        from safetensors import safe_open
-
-        self.dir = model_dir
-        self._handles = {}
-        self._where: dict[str, str] = {}
-        for fname, names in weight_files(model_dir).items():
-            path = model_dir / fname
-            if not path.is_file():
-                raise PaftError(f"{model_dir}: weight file {fname} listed in the index is missing")
-            self._handles[fname] = stack.enter_context(safe_open(str(path), framework="pt"))
-            for name in names:
-                self._where[name] = fname
-
-    def names(self) -> list[str]:
-        return sorted(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
-
-
-@dataclass
-class _Item:
-    name: str  # base weight name
-    shape: tuple[int, ...]
-    load: Callable[[], torch.Tensor]  # the float32 delta
-
-
-def _full_items(base: _Folder, tuned: _Folder) -> list[_Item]:
-    items = []
-    for name in tuned.names():
-        items.append(_Item(name, tuned.shape(name), lambda n=name: tuned.get(n).float() - base.get(n).float()))
-    return items
-
-
-def _adapter_items(base: _Folder, adapter_dir: Path, stack: contextlib.ExitStack) -> list[_Item]:
-    """The deltas of a LoRA adapter, as :func:`paft.merge.deltas.lora_deltas` computes them, one at a time."""
-    from safetensors import safe_open
-
-    cfg, weights_path = adapter_files(adapter_dir)
-    f = stack.enter_context(safe_open(str(weights_path), framework="pt"))
-
-    def shape(key: str) -> tuple[int, ...]:
-        return tuple(f.get_slice(key).get_shape())
-
-    def get(key: str) -> torch.Tensor:
-        return f.get_tensor(key).float()
-
-    parts: dict[str, dict[str, str]] = {}
-    full: dict[str, str] = {}
-    for key in f.keys():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        for suffix, part in _LORA_PARTS.items():
-            if name.endswith(suffix):
-                parts.setdefault(name[: -len(suffix)], {})[part] = key
-                break
-        else:
-            if ".lora_" in name or "trainable_tokens" in name:
-                raise PaftError(f"{adapter_dir}: unsupported adapter tensor {key!r}")
-            full[name.replace(".base_layer.", ".")] = key
-
-    items: dict[str, _Item] = {}
-    for module, p in sorted(parts.items()):
-        scale = _scale(cfg, module)
-        if "A" in p and "B" in p:
-            (out, _), (_, inp) = shape(p["B"]), shape(p["A"])
-            fan = bool(cfg.get("fan_in_fan_out"))
-
-            def lora(a=p["A"], b=p["B"], s=scale, fan=fan):
-                d = get(b) @ get(a)
-                return ((d.T if fan else d) * s).contiguous()
-
-            items[f"{module}.weight"] = _Item(f"{module}.weight", (inp, out) if fan else (out, inp), lora)
-            if "B_bias" in p:
-                items[f"{module}.bias"] = _Item(
-                    f"{module}.bias", shape(p["B_bias"]), lambda k=p["B_bias"], s=scale: get(k) * s
-                )
-        elif "emb_A" in p and "emb_B" in p:
-            (_, num), (dim, _) = shape(p["emb_A"]), shape(p["emb_B"])
-            items[f"{module}.weight"] = _Item(
-                f"{module}.weight",
-                (num, dim),
-                lambda a=p["emb_A"], b=p["emb_B"], s=scale: ((get(b) @ get(a)).T * s).contiguous(),
-            )
-        else:
-            raise PaftError(f"{adapter_dir}: module {module!r} has an incomplete LoRA pair ({sorted(p)})")
-
-    for name, key in sorted(full.items()):
-        if name not in base:
-            raise missing_in_base(name, adapter_dir)
-
-        def saved(k=key, n=name):
-            return get(k) - base.get(n).float()
-
-        if name in items:  # a LoRA layer's saved base_layer weights plus its LoRA
-            lora_load = items[name].load
-            items[name] = _Item(name, shape(key), lambda s=saved, lo=lora_load: s() + lo())
-        else:
-            items[name] = _Item(name, shape(key), saved)
-    return [items[n] for n in sorted(items)]
-
-
-def _delta_items(base: _Folder, input_dir: Path, stack: contextlib.ExitStack) -> list[_Item]:
-    if is_adapter(input_dir):
-        items = _adapter_items(base, input_dir, stack)
-    else:
-        items = _full_items(base, _Folder(input_dir, stack))
-    for it in items:
-        if it.name not in base:
-            raise missing_in_base(it.name, input_dir)
-        if it.shape != base.shape(it.name):
-            raise PaftError(
-                f"{input_dir}: delta for {it.name!r} has shape {it.shape}, base has {base.shape(it.name)}"
-            )
-    return items
-
-
 def iter_deltas(base_dir: str | Path, input_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """``(base weight name, float32 delta)`` one tensor at a time, sorted by name (same values as
     :func:`paft.merge.deltas.load_deltas`, without holding them all)."""
-    with contextlib.ExitStack() as stack:
-        base = _Folder(Path(base_dir), stack)
-        for it in _delta_items(base, Path(input_dir), stack):
-            yield it.name, it.load()
+    for it in delta_items(ModelWeights(base_dir), input_dir):
+        yield it.name, it.load()
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -329,40 +191,39 @@ def sparsity_report(
     inputs = _check(base_dir, inputs, float(eps_abs), float(eps_rel))
     eps_abs, eps_rel = float(eps_abs), float(eps_rel)
 
-    with contextlib.ExitStack() as stack:
-        base = _Folder(base_dir, stack)
-        base_entries = sum(math.prod(base.shape(n)) for n in base.names())
-        plans = {name: _delta_items(base, path, stack) for name, path in inputs.items()}  # validate all first
+    base = ModelWeights(base_dir)
+    base_entries = sum(math.prod(base.shape(n)) for n in base.names())
+    plans = {name: delta_items(base, path) for name, path in inputs.items()}  # validate all first
 
-        scales: dict[str, float] = {}
-        overall: dict[str, dict] = {}
-        modules: dict[str, dict[str, dict]] = {}
-        samples: dict[str, np.ndarray] = {}
-        for name, items in plans.items():
-            total = sum(math.prod(it.shape) for it in items)
-            gen = torch.Generator().manual_seed(seed)
-            acc = {"entries": 0, "n_abs": 0, "n_rel": 0, "nonfinite": 0, "l1": 0.0, "l2sq": 0.0, "max_abs": 0.0}
-            per: dict[str, dict] = {}
-            parts = []
-            for it in items:
-                if it.name not in scales:
-                    w = base.get(it.name).float()
-                    scales[it.name] = float(w.abs().sum(dtype=torch.float64)) / w.numel() if w.numel() else 0.0
-                    del w
-                delta = it.load()
-                st = _tensor_stats(delta, scales[it.name], eps_abs, eps_rel)
-                for k in ("entries", "n_abs", "n_rel", "nonfinite", "l1", "l2sq"):
-                    acc[k] += st[k]
-                acc["max_abs"] = max(acc["max_abs"], st["max_abs"])
-                per[it.name] = {"shape": list(it.shape), "scale": scales[it.name], **_finish(st)}
-                if total and delta.numel():
-                    k = delta.numel() if total <= hist_sample else math.ceil(hist_sample * delta.numel() / total)
-                    parts.append(_sample_abs(delta, k, gen))
-                del delta
-            overall[name] = {"tensors": len(items), **_finish(acc),
-                             "coverage": acc["entries"] / base_entries if base_entries else None}
-            modules[name] = per
-            samples[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    scales: dict[str, float] = {}
+    overall: dict[str, dict] = {}
+    modules: dict[str, dict[str, dict]] = {}
+    samples: dict[str, np.ndarray] = {}
+    for name, items in plans.items():
+        total = sum(math.prod(it.shape) for it in items)
+        gen = torch.Generator().manual_seed(seed)
+        acc = {"entries": 0, "n_abs": 0, "n_rel": 0, "nonfinite": 0, "l1": 0.0, "l2sq": 0.0, "max_abs": 0.0}
+        per: dict[str, dict] = {}
+        parts = []
+        for it in items:
+            if it.name not in scales:
+                w = base.get(it.name).float()
+                scales[it.name] = float(w.abs().sum(dtype=torch.float64)) / w.numel() if w.numel() else 0.0
+                del w
+            delta = it.load()
+            st = _tensor_stats(delta, scales[it.name], eps_abs, eps_rel)
+            for k in ("entries", "n_abs", "n_rel", "nonfinite", "l1", "l2sq"):
+                acc[k] += st[k]
+            acc["max_abs"] = max(acc["max_abs"], st["max_abs"])
+            per[it.name] = {"shape": list(it.shape), "scale": scales[it.name], **_finish(st)}
+            if total and delta.numel():
+                k = delta.numel() if total <= hist_sample else math.ceil(hist_sample * delta.numel() / total)
+                parts.append(_sample_abs(delta, k, gen))
+            del delta
+        overall[name] = {"tensors": len(items), **_finish(acc),
+                         "coverage": acc["entries"] / base_entries if base_entries else None}
+        modules[name] = per
+        samples[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     report = {
         "base": str(base_dir),
