@@ -50,12 +50,29 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
-    from paft.merge import MergeInput, merge_models
+MERGE_FLAGS = ("method", "weights", "density", "lambda_", "seed", "sign", "normalize", "rescale", "rescale_norm",
+               "tie_break", "delta_dtype")
 
-    inputs = [MergeInput(p, weight=w, density=args.density) for p, w in zip(args.inputs, args.weights or [1.0] * len(args.inputs))]
-    summary = merge_models(args.base, inputs, args.method, args.out, lambda_=args.lambda_, seed=args.seed,
-                           sign=args.sign, normalize=args.normalize, rescale=args.rescale, tie_break=args.tie_break)
+
+def cmd_merge(args) -> int:
+    from paft.merge.recipe import Recipe, load_recipe, run_recipe
+
+    if args.recipe:
+        given = [k for k in MERGE_FLAGS if getattr(args, k) is not None]
+        if args.base or args.inputs or given:
+            what = "BASE INPUT..." if args.base or args.inputs else "--" + given[0].rstrip("_").replace("_", "-")
+            raise PaftError(f"--recipe: give the merge either as a recipe or as BASE INPUT... and flags, not both ({what})")
+        recipe = load_recipe(args.recipe)
+    else:
+        if not args.base or not args.inputs:
+            raise PaftError("paft merge: give BASE INPUT... (and flags), or --recipe FILE")
+        recipe = Recipe.from_flags(args.base, args.inputs, **{k: getattr(args, k) for k in MERGE_FLAGS})
+    if args.print_recipe:
+        print(recipe.to_yaml(), end="")
+        return 0
+    if not args.out:
+        raise PaftError("paft merge: --out DIR is required (or --print-recipe)")
+    summary = run_recipe(recipe, args.out)
     print(json.dumps(summary, default=str))
     return 0
 
@@ -160,20 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_params(sub.add_parser("prepare", help="the data stage (what `dvc repro prepare` runs)"))
     sp.add_argument("--out", default=None, help="output folder (default: paths.data_dir)")
     sp.set_defaults(fn=cmd_prepare)
-    sp = sub.add_parser("merge", help="merge LoRA adapters / fine-tuned models onto a base")
-    sp.add_argument("base")
-    sp.add_argument("inputs", nargs="+")
-    sp.add_argument("--method", default="ties")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--weights", type=float, nargs="+")
-    sp.add_argument("--density", type=float, default=1.0)
-    sp.add_argument("--lambda", dest="lambda_", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default: 0)")
-    sp.add_argument("--sign", choices=["total", "frequency"], help="majority sign of ties / dare_ties (default: total)")
+    sp = sub.add_parser("merge", help="merge LoRA adapters / fine-tuned models onto a base",
+                        description="Merge from flags (BASE INPUT... --method ...) or from a mergekit-style YAML recipe "
+                                    "(--recipe FILE; see paft/merge/recipe.py); --print-recipe prints the flags as one.")
+    sp.add_argument("base", nargs="?", help="base model folder")
+    sp.add_argument("inputs", nargs="*", metavar="INPUT", help="LoRA adapter or fine-tuned model folders")
+    sp.add_argument("--recipe", help="mergekit-style YAML recipe (instead of BASE INPUT... and the flags below)")
+    sp.add_argument("--out", help="output folder")
+    sp.add_argument("--print-recipe", action="store_true", help="print the merge as a YAML recipe and exit")
+    sp.add_argument("--method", help="merge method (default: ties)")
+    sp.add_argument("--weights", type=float, nargs="+", help="one weight per INPUT (default: 1 each)")
+    sp.add_argument("--density", type=float, help="share of each delta kept, in (0, 1] (default: 1)")
+    sp.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float, help="scale of the merged delta (default: 1)")
+    sp.add_argument("--seed", type=int, help="seed of DARE's random masks (default: 0)")
+    sp.add_argument("--sign", choices=["total", "frequency", "sum", "count"],
+                    help="majority sign of ties / dare_ties: total (= sum, default) | frequency (= count)")
     sp.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="default: the method's")
     sp.add_argument("--rescale", action=argparse.BooleanOptionalAction, help="default: the method's (dare_*: on)")
-    sp.add_argument("--tie-break", choices=["sort", "index"], default="sort",
-                    help="entries tied at the top-k threshold: sort (mergekit's choice, default) | index (lowest first)")
+    sp.add_argument("--rescale-norm", choices=["l1", "density"],
+                    help="rescale kept entries by the L1 norm ratio (mergekit, default) | by 1 / density (DARE paper)")
+    sp.add_argument("--tie-break", choices=["index", "sort"],
+                    help="entries tied at the top-k threshold: index (lowest first, fast; default) | sort (mergekit's choice)")
+    sp.add_argument("--delta-dtype", choices=["input", "float32", "float64", "bfloat16", "float16"],
+                    help="dtype full models' deltas are formed in: input (their own, mergekit's default) | float32 ...")
     sp.set_defaults(fn=cmd_merge)
     sp = sub.add_parser("sparsity", help="sparsity of fine-tuning deltas (adapters / fine-tuned models) vs a base")
     sp.add_argument("base")

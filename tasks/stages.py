@@ -188,25 +188,31 @@ def train(params: Params, stage: str, inputs: dict) -> dict:
 
 @task(name="merge", cache_policy=NO_CACHE)
 def merge(params: Params, base: dict, sft: dict, align: dict, run_dir: str, parent_id: str) -> dict[str, dict]:
-    """Every configured merge method → a model folder each; returns {method: {path, run_id, ...}}."""
-    from paft.merge import MergeInput, merge_models
+    """Every configured merge method → a model folder each; returns {method: {path, run_id, ...}}.
+
+    Each merge is a :class:`~paft.merge.recipe.Recipe` run by ``run_recipe``, the code ``paft merge`` runs;
+    its YAML is logged as ``recipe.yaml`` (``paft merge --recipe recipe.yaml --out DIR`` redoes it).
+    """
+    from paft.merge.recipe import Recipe, RecipeInput, run_recipe
     from paft.models import local_path
 
     cfg = params.merge
     inputs = [
-        MergeInput(sft["path"], weight=cfg.sft_weight, density=cfg.density),
-        MergeInput(align["path"], weight=cfg.align_weight, density=cfg.density),
+        RecipeInput(path=sft["path"], weight=cfg.sft_weight, density=cfg.density),
+        RecipeInput(path=align["path"], weight=cfg.align_weight, density=cfg.density),
     ]
     out: dict[str, dict] = {}
     for method in cfg.methods:
         with stage_run(params, parent_id, f"merge_{method}") as (tracker, run_id):
             path = Path(run_dir) / f"merged_{method}"
-            summary = merge_models(local_path(base["path"]), inputs, method, path, lambda_=cfg.lambda_, seed=params.seed,
-                                   sign=cfg.sign, normalize=cfg.normalize, rescale=cfg.rescale)
+            recipe = Recipe(method=method, base=str(local_path(base["path"])), inputs=inputs, lambda_=cfg.lambda_,
+                            seed=params.seed, sign=cfg.sign, normalize=cfg.normalize, rescale=cfg.rescale)
+            summary = run_recipe(recipe, path)
             tracker.log_params(run_id, {"method": method, "density": cfg.density, "lambda": cfg.lambda_,
                                         "sft_weight": cfg.sft_weight, "align_weight": cfg.align_weight,
                                         **{k: summary[k] for k in ("sign", "normalize", "rescale")}})
             tracker.log_artifacts(run_id, path, "model")
+            tracker.log_text(run_id, recipe.to_yaml(), "recipe.yaml")
             out[method] = {"path": str(path), "run_id": run_id, "summary": summary}
     return out
 

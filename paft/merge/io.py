@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from paft.io import atomic_dir, read_json, write_json
 from paft.merge.deltas import ADAPTER_CONFIG, DeltaItem, delta_items, is_adapter
 from paft.merge.methods import SIGN_NAMES, NonFinite, RescaleNorm, TieBreak, merge_into, resolve
 from paft.merge.select import chunks
-from paft.merge.tensors import INDEX_FILE, ModelWeights, write_safetensors
+from paft.merge.tensors import INDEX_FILE, ModelWeights, SafetensorsWriter
 
 SUMMARY_FILE = "merge_summary.json"
 CARD_FILE = "README.md"
@@ -201,7 +202,7 @@ def merge_models(
 
     with ThreadPoolExecutor(threads) as pool, _intra_op_threads(1):
         def run(f, n):
-            return list(pool.map(f, range(n))) if n > 1 else [f(c) for c in range(n)]
+            return list(pool.map(f, range(n))) if n > 1 and threads > 1 else [f(c) for c in range(n)]
 
         def merged(name: str) -> torch.Tensor:
             b = base.get(name)
@@ -228,22 +229,24 @@ def merge_models(
                 culprit = base_dir if not bool(torch.isfinite(b.float()).all()) else inputs[e.index].path
                 raise PaftError(f"{culprit}: tensor {name!r} has non-finite values (inf or NaN)") from None
 
-        def tensors(file_names: list[str]):
-            for n in file_names:
-                yield merged(n) if n in names else base.get(n)
-                base.release(n)  # written: its pages can go
-                for found in items:
-                    if n in found:
-                        found[n].release()
+        def written(w: SafetensorsWriter, name: str, t: torch.Tensor) -> None:
+            w.write(t)
+            base.release(name)  # done with it: its pages can go
+            for found in items:
+                if name in found:
+                    found[name].release()
 
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(1) as writer:
             for fname, file_names in base.layout().items():
-                write_safetensors(
-                    tmp / fname,
-                    [(n, base.dtype(n), base.shape(n)) for n in file_names],
-                    tensors(file_names),
-                    {**base.files[fname].metadata, "format": "pt"},
-                )
+                specs = [(n, base.dtype(n), base.shape(n)) for n in file_names]
+                with SafetensorsWriter(tmp / fname, specs, {**base.files[fname].metadata, "format": "pt"}) as w:
+                    pending: deque = deque()  # writes behind the merge, at most two tensors queued
+                    for n in file_names:
+                        pending.append(writer.submit(written, w, n, merged(n) if n in names else base.get(n)))
+                        while len(pending) > 2 or (pending and pending[0].done()):
+                            pending.popleft().result()
+                    while pending:
+                        pending.popleft().result()
             if (base_dir / INDEX_FILE).is_file():
                 shutil.copy2(base_dir / INDEX_FILE, tmp / INDEX_FILE)
             for pattern in COPIED_FILES:

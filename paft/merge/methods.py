@@ -37,6 +37,7 @@ same models and compares every output tensor. Where they differ:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -169,40 +170,51 @@ def combine(
     ``m *= lambda`` (after normalizing, as mergekit). ``linear`` without normalize is mergekit's
     ``sum_i w_i m_i`` with ``m_i = base + d_i``: it adds ``(sum_i w_i - 1) * base`` (needs ``base``);
     mergekit's linear has no ``lambda``, here it scales the difference from the base.
+
+    The consensus is computed without bool tensors (on CPU a comparison or ``where`` costs several
+    multiplications): the sums over the positive entries ``P = sum relu(w_i d_i)`` and the negative ones
+    ``N``, with their weights ``Wp = sum w_i sign(relu(w_i d_i))`` and ``Wn``; ``e = 1`` where ``+`` is elected
+    (``sign(votes) + 1`` clamped to 1), and the merge is ``e P + (1 - e) N`` over ``e Wp + (1 - e) Wn``:
+    the same sums of the same terms as the masked sums.
     """
     normalize = spec.default_normalize if normalize is None else normalize
     consensus = sign_method(spec, sign)
     weights = [float(x) for x in weights]
     if consensus is None:
-        merged = sum(d.float() * w for d, w in zip(deltas, weights, strict=True))
+        merged = None
+        for d, w in zip(deltas, weights, strict=True):
+            wd = d.float() * w  # not add_(alpha=w): a fused multiply-add rounds otherwise than mergekit's sum
+            merged = wd if merged is None else merged.add_(wd)
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:
-            merged = merged / total
+            merged /= total
         elif not normalize and spec.of_models and total != 1:
             if base is None:
                 raise PaftError("linear without normalize scales the base by the sum of the weights: pass base")
-            merged = merged + (total - 1) * base.float()
+            merged.add_(base.float(), alpha=total - 1)
     else:
-        # sums over the positive and over the negative weighted entries: the elected side's sum is the merge
         acc: list[torch.Tensor] | None = None
         for d, w in zip(deltas, weights, strict=True):
             wd = d.float() * w
-            p = wd.clamp(min=0)
-            terms = [p, wd - p]
+            p, n = torch.relu(wd), wd.clamp_(max=0)
+            terms = [p, n]
             if normalize or consensus == "count":
-                gt, lt = (wd > 0).float(), (wd < 0).float()
+                sp, sn = torch.sign(p), torch.sign(n)  # 1 / -1 where the weighted entry is positive / negative
                 if normalize:
-                    terms += [gt * w, lt * w]
+                    terms += [sp * w, sn * -w]
                 if consensus == "count":
-                    terms.append(gt - lt)
+                    terms.append(sp.add_(sn))
             acc = terms if acc is None else [x.add_(t) for x, t in zip(acc, terms, strict=True)]
         pos, neg = acc[0], acc[1]
-        elected = (pos + neg >= 0) if consensus == "sum" else (acc[-1] >= 0)
-        merged = torch.where(elected, pos, neg)
+        votes = pos + neg if consensus == "sum" else acc[-1]
+        elected = torch.sign(votes).add_(1).clamp_(max=1)  # 1: "+" elected (also where the votes are 0)
+        other = 1 - elected
+        merged = pos.mul_(elected).add_(neg.mul_(other))
         if normalize:
-            divisor = torch.where(elected, acc[2], acc[3])
-            merged = torch.where(divisor == 0, merged, merged / divisor)
-    return merged * lambda_ if lambda_ != 1 else merged
+            divisor = acc[2].mul_(elected).add_(acc[3].mul_(other))
+            zero = 1 - torch.sign(divisor.abs())
+            merged /= divisor.add_(zero)  # a divisor of 0 (no input agrees) counts as 1
+    return merged.mul_(lambda_) if lambda_ != 1 else merged
 
 
 # ----------------------------------------------------------------------------- one tensor
@@ -276,66 +288,81 @@ def merge_into(
     ``deltas[i]`` is None where input ``i`` leaves the tensor as the base (a zero delta); ``run(f, n)`` maps
     the per-chunk work over chunks (``serial``, or threads: chunks are independent). Step 1 for one input
     (see the module docstring): ``magnitude`` plans its top-k over the whole tensor first
-    (:func:`top_k_mask`'s rule); ``random`` draws each chunk's mask from :func:`chunk_generator`; ``l1``
-    rescaling sums ``|d|`` and ``|kept|`` over the whole tensor first. ``stats[i]`` (if given) accumulates
-    ``nonzero`` (entries of the delta) and ``kept`` (after step 1). Raises :class:`NonFinite` for an input
-    whose delta has an inf or NaN.
+    (:func:`paft.merge.select.top_k`, or a full sort for ``tie_break="sort"``); ``random`` draws each
+    chunk's mask from :func:`chunk_generator`; ``l1`` rescaling sums ``|d|`` and ``|kept|`` over the whole
+    tensor first. ``stats[i]`` (if given) accumulates ``tensors``, ``params``, ``nonzero`` (entries of the
+    delta) and ``kept`` (nonzero after step 1). Raises :class:`NonFinite` for an input whose delta has an
+    inf or NaN.
     """
     spec = opts.spec
     spans = chunks(base.shape)
     flat_base, flat_out = base.reshape(-1), out.view(-1)
     flat = [None if d is None else d.reshape(-1) for d in deltas]
-    masks: list[Callable[[torch.Tensor, int], torch.Tensor] | None] = []  # (chunk as stored, index) -> keep
+    # per input: (chunk as stored, chunk index) -> the chunk with dropped entries zeroed (None: keep all)
+    trims: list[Callable[[torch.Tensor, int], torch.Tensor] | None] = []
+    counted: list[tuple[int, int] | None] = []  # (nonzero, kept) when known without counting chunk by chunk
     for i, (d, rho) in enumerate(zip(flat, densities, strict=True)):
+        counted.append(None)
         if d is None or spec.sparsification is None or rho >= 1:
-            masks.append(None)
+            trims.append(None)
         elif spec.sparsification == "random":
-            masks.append(lambda x, c, i=i, rho=rho: random_mask(x.numel(), rho, chunk_generator(opts.seed, name, i, c)))
-        elif opts.tie_break == "sort":
-            full = top_k_mask(d, keep_count(d.numel(), rho), "sort")
-            masks.append(lambda x, c, full=full: full[spans[c][0]: spans[c][1]])
+            trims.append(lambda x, c, i=i, rho=rho: x * random_mask(x.numel(), rho, chunk_generator(opts.seed, name, i, c)))
         else:
-            plan = top_k(lambda c, d=d: d[spans[c][0]: spans[c][1]], spans, keep_count(d.numel(), rho), d.dtype, run)
+            k = keep_count(d.numel(), rho)
+            plan = top_k(lambda c, d=d: d[spans[c][0]: spans[c][1]], spans, k, d.dtype, run)
             if plan.nonfinite:
                 raise NonFinite(i)
-            masks.append(plan.mask)
+            nonzero = d.numel() - plan.zeros
+            counted[i] = (nonzero, k if plan.threshold > 0 else nonzero)
+            if opts.tie_break == "sort":
+                full = top_k_mask(d, k, "sort")
+                trims.append(lambda x, c, full=full: x * full[spans[c][0]: spans[c][1]])
+            else:
+                trims.append(plan.apply)
     scales = []
-    for d, mask, rho in zip(flat, masks, densities, strict=True):
-        if mask is None or opts.rescale_norm is None:
+    for d, trim, rho in zip(flat, trims, densities, strict=True):
+        if trim is None or opts.rescale_norm is None:
             scales.append(1.0)
         elif opts.rescale_norm == "density":
             scales.append(1.0 / rho)
         else:  # l1: mergekit's rescaled_masked_tensor (unscaled where either norm is below 1e-7)
-            def sums(c, d=d, mask=mask):
-                raw = d[spans[c][0]: spans[c][1]]
-                x = raw.float().abs()
-                return float(x.sum()), float((x * mask(raw, c)).sum())
+            def sums(c, d=d, trim=trim):
+                x = d[spans[c][0]: spans[c][1]]
+                return float(x.float().abs().sum()), float(trim(x, c).float().abs().sum())
             parts = run(sums, len(spans))
             before, after = sum(p[0] for p in parts), sum(p[1] for p in parts)
             scales.append(1.0 if before < 1e-7 or after < 1e-7 else before / after)
+    # inf / NaN: a magnitude plan saw them; else the sum of each chunk (DARE may drop them) or of the merge
+    check_each = spec.sparsification == "random"
 
     def chunk(c: int) -> list[tuple[int, int]]:
         s, e = spans[c]
         trimmed, counts = [], []
-        for i, (d, mask, scale) in enumerate(zip(flat, masks, scales, strict=True)):
+        for i, (d, trim, scale) in enumerate(zip(flat, trims, scales, strict=True)):
             if d is None:
                 trimmed.append(torch.zeros(e - s))
                 counts.append((0, 0))
                 continue
-            raw = d[s:e]
-            x = raw.float()
-            if not bool(torch.isfinite(x).all()):
-                raise NonFinite(i)
-            y = x if mask is None else x * mask(raw, c)
+            x = d[s:e]
+            if check_each and not math.isfinite(float(x.float().sum())):
+                _check_finite(x, i)
+            y = x.float() if trim is None else trim(x, c).float()
             if scale != 1.0:
-                y = y * scale
+                y *= scale
             trimmed.append(y)
-            if stats is not None:
-                counts.append((int(torch.count_nonzero(x)), int(torch.count_nonzero(y)) if mask is not None else -1))
+            if stats is not None and counted[i] is None:
+                nz = int(torch.count_nonzero(x))
+                counts.append((nz, nz if trim is None else int(torch.count_nonzero(y))))
+            else:
+                counts.append((0, 0))
         b = flat_base[s:e]
         mixed = combine(spec, trimmed, weights, normalize=opts.normalize, lambda_=opts.lambda_,
                         sign=opts.consensus, base=b)
-        flat_out[s:e] = b.float() + mixed
+        if spec.sparsification is None and not math.isfinite(float(mixed.sum())):
+            for i, d in enumerate(flat):
+                if d is not None:
+                    _check_finite(d[s:e], i)
+        flat_out[s:e] = mixed.add_(b.float())
         return counts
 
     results = run(chunk, len(spans))
@@ -343,14 +370,18 @@ def merge_into(
         for i, d in enumerate(flat):
             if d is None:
                 continue
-            nonzero = sum(r[i][0] for r in results)
-            kept = sum(r[i][1] for r in results)
+            nonzero, kept = counted[i] or (sum(r[i][0] for r in results), sum(r[i][1] for r in results))
             st = stats[i]
             st["tensors"] += 1
             st["params"] += d.numel()
             st["nonzero"] += nonzero
-            st["kept"] += nonzero if masks[i] is None else kept
+            st["kept"] += kept
     return out
+
+
+def _check_finite(x: torch.Tensor, index: int) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise NonFinite(index)
 
 
 def merge_tensor(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK = 1 << 20  # entries per chunk: fits a core's cache with the few temporaries a merge step makes
+CHUNK = 1 << 18  # entries per chunk: fits a core's cache with the few temporaries a merge step makes
 
 _KEYS = {  # dtype -> (same-size int dtype, mask of the magnitude bits, first non-finite key)
     torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
@@ -44,11 +44,11 @@ def chunks(shape: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys ordering as ``|x|`` does (float64 is compared as float32)."""
+    """Integer keys (int16 for 16-bit floats, else int32) ordering as ``|x|`` does (float64: as float32)."""
     if x.dtype not in _KEYS:
         x = x.float()
     int_dtype, mask, _ = _KEYS[x.dtype]
-    return (x.view(int_dtype) & mask).to(torch.int32) if int_dtype != torch.int32 else x.view(torch.int32) & mask
+    return x.view(int_dtype) & mask
 
 
 def nonfinite_key(dtype: torch.dtype) -> int:
@@ -68,19 +68,32 @@ class TopK:
     threshold: int
     quota: list[int]
     ties: list[int]
+    zeros: int  # entries that are 0
     nonfinite: bool  # some entry is inf or NaN (caller reports it)
 
     def mask(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        """Bool mask of chunk ``c`` (its entries ``x``, flat)."""
+        """Bool mask of the kept entries of chunk ``c`` (its entries ``x``, flat)."""
         keys = magnitude_keys(x)
-        q = self.quota[c]
-        if q == 0:
-            return keys > self.threshold
-        if q == self.ties[c]:
-            return keys >= self.threshold
         mask = keys > self.threshold
-        mask[torch.nonzero(keys == self.threshold).reshape(-1)[:q]] = True
+        mask[torch.nonzero(keys == self.threshold).reshape(-1)[: self.quota[c]]] = True
         return mask
+
+    def apply(self, x: torch.Tensor, c: int) -> torch.Tensor:
+        """Chunk ``c`` (its entries ``x``, flat, as planned) with the dropped entries zeroed.
+
+        Integer arithmetic on the bit patterns (``keys - threshold`` clamped to 0/1 multiplies the bits):
+        comparisons and ``where`` produce bool tensors, several times slower on CPU."""
+        if x.dtype not in _KEYS:
+            x = x.float()
+        bits = x.view(_KEYS[x.dtype][0])
+        keys = bits & _KEYS[x.dtype][1]
+        q = self.quota[c]
+        if q == 0 or q == self.ties[c]:  # keys > threshold, or >= it (all ties of the chunk kept)
+            keep = (keys - (self.threshold if q == 0 else self.threshold - 1)).clamp_(0, 1)
+        else:
+            keep = (keys > self.threshold).to(bits.dtype)
+            keep[torch.nonzero(keys == self.threshold).reshape(-1)[:q]] = 1
+        return (bits * keep).view(x.dtype)
 
 
 def top_k(
@@ -96,12 +109,15 @@ def top_k(
     two = _two_levels(dtype)
     bins = 1 << 15
 
-    def level1(c: int) -> torch.Tensor:
+    def level1(c: int) -> tuple[torch.Tensor, int]:
         keys = magnitude_keys(read(c))
-        return torch.bincount(keys >> 16 if two else keys, minlength=bins)
+        if not two:  # int16 keys are non-negative: bin 0 counts the zeros
+            return torch.bincount(keys, minlength=bins), 0
+        return torch.bincount(keys >> 16, minlength=bins), keys.numel() - int(torch.count_nonzero(keys))
 
-    hists = run(level1, n)
-    total = torch.stack(hists).sum(0) if n else torch.zeros(bins, dtype=torch.int64)
+    results = run(level1, n)
+    total = torch.stack([h for h, _ in results]).sum(0) if n else torch.zeros(bins, dtype=torch.int64)
+    zeros = int(total[0]) if not two else sum(z for _, z in results)
     nonfinite = bool(total[(nonfinite_key(dtype) >> 16) if two else nonfinite_key(dtype):].sum())
     bucket, above = _kth_bucket(total, k)
     if two:  # the low 16 bits, among the entries of the chosen high bucket
@@ -115,12 +131,12 @@ def top_k(
         ties = [int(h[low]) for h in hists]
     else:
         threshold = bucket
-        ties = [int(h[bucket]) for h in hists]
+        ties = [int(h[bucket]) for h, _ in results]
     need, quota = k - above, []
     for t in ties:
         quota.append(min(t, need))
         need -= quota[-1]
-    return TopK(threshold, quota, ties, nonfinite)
+    return TopK(threshold, quota, ties, zeros, nonfinite)
 
 
 def _kth_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:

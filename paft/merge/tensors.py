@@ -14,7 +14,6 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -143,26 +142,36 @@ class ModelWeights:
         }
 
 
-def write_safetensors(
-    path: str | Path,
-    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-    tensors: Iterable[torch.Tensor],
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Write a safetensors file whose tensors (``specs``: name, dtype, shape, in data order) come one at a time
-    from ``tensors``; each must match its spec."""
-    header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
-    offset = 0
-    for name, dtype, shape in specs:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for (name, dtype, shape), t in zip(specs, tensors, strict=True):
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise PaftError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
-            if t.numel():
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+class SafetensorsWriter:
+    """A safetensors file written as a stream: the header first (from ``specs``: name, dtype, shape, in data
+    order), then :meth:`write` appends each tensor in that order; closing checks that all came."""
+
+    def __init__(self, path: str | Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path, self.specs, self.count = Path(path), specs, 0
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for name, dtype, shape in specs:
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, t: torch.Tensor) -> None:
+        name, dtype, shape = self.specs[self.count]
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise PaftError(f"{self.path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        if t.numel():
+            self._f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.count += 1
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self._f.close()
+        if exc_type is None and self.count != len(self.specs):
+            raise PaftError(f"{self.path}: {self.count} of {len(self.specs)} tensors written")
