@@ -51,7 +51,7 @@ def cmd_prepare(args) -> int:
 
 
 MERGE_FLAGS = ("method", "weights", "density", "lambda_", "seed", "sign", "normalize", "rescale", "rescale_norm",
-               "tie_break", "delta_dtype")
+               "tie_break", "delta_dtype", "adapter_rank", "allow_vocab_mismatch", "ignore_adapter_base", "threads")
 
 
 def cmd_merge(args) -> int:
@@ -200,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="entries tied at the top-k threshold: index (lowest first, fast; default) | sort (mergekit's choice)")
     sp.add_argument("--delta-dtype", choices=["input", "float32", "float64", "bfloat16", "float16"],
                     help="dtype full models' deltas are formed in: input (their own, mergekit's default) | float32 ...")
+    sp.add_argument("--adapter-rank", type=int, help="also write the merge as a LoRA adapter of this rank (OUT/adapter)")
+    sp.add_argument("--allow-vocab-mismatch", action="store_true", default=None,
+                    help="merge inputs with another vocabulary size on the rows they share with the base")
+    sp.add_argument("--ignore-adapter-base", action="store_true", default=None,
+                    help="merge LoRA adapters whose recorded base is not BASE (shapes are still checked)")
+    sp.add_argument("--threads", type=int, help="worker threads (default: the CPUs this process may use)")
     sp.set_defaults(fn=cmd_merge)
     sp = sub.add_parser("sparsity", help="sparsity of fine-tuning deltas (adapters / fine-tuned models) vs a base")
     sp.add_argument("base")

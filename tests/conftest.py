@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# merged models' input hashes are remembered in a file: not the user's during tests
+os.environ.setdefault("PAFT_HASH_CACHE", os.path.join(tempfile.mkdtemp(prefix="paft-hashes-"), "sha256.json"))
 
 # The smallest run that still exercises every stage (seconds per stage on 2 CPU cores).
 MICRO = {

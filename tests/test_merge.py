@@ -394,6 +394,50 @@ def test_two_adapters_ties_matches_reference(base_dir, adapters, tmp_path):
         assert torch.isfinite(model(IDS).logits).all()
 
 
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties", "magnitude_prune"])
+def test_chunks_and_threads_do_not_change_the_merge(base_dir, tmp_path, monkeypatch, method):
+    """Tensors split in many row chunks (merged on 1 or 3 threads) give the bits of a one-chunk merge; DARE's
+    masks are drawn per chunk, so with a fixed chunk size its merges match across thread counts."""
+    import paft.merge.select as select
+    from transformers import AutoModelForCausalLM
+
+    for i in (1, 2):  # full models: bf16 deltas, ties at the threshold
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01 * (torch.rand_like(p) < 0.5 * i))
+        model.save_pretrained(tmp_path / f"ft{i}")
+    inputs = [MergeInput(tmp_path / "ft1", 0.7, 0.3), MergeInput(tmp_path / "ft2", 1.2, 0.6)]
+
+    def merged(out, threads):
+        merge_models(base_dir, inputs, method, tmp_path / out, threads=threads, seed=4)
+        return weights_of(tmp_path / out)
+
+    if method != "dare_ties":
+        whole = merged("whole", 1)
+    monkeypatch.setattr(select, "CHUNK", 96)  # every matrix in several chunks of whole rows
+    one, three = merged("one", 1), merged("three", 3)
+    assert all(torch.equal(one[n], three[n]) for n in one)
+    if method != "dare_ties":
+        assert all(torch.equal(one[n], whole[n]) for n in one)
+
+
+def test_adapter_output_and_model_card(base_dir, adapters, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    inputs = [MergeInput(adapters["sft"][0], 1.0, 1.0)]
+    summary = merge_models(base_dir, inputs, "task_arithmetic", tmp_path / "m", adapter_rank=8)
+    # one rank-8 LoRA merged alone is exactly representable at rank 8: the adapter gives the merged model back
+    assert summary["adapter"]["rel_error_max"] < 1e-5
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "m" / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(peft_model(IDS).logits, load(tmp_path / "m")(IDS).logits, atol=1e-4)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "task_arithmetic" in card and "adapter_rank: 8" in card and "sha256" in card
+
+
 def test_options_recorded_and_dare_on_adapters(base_dir, adapters, tmp_path):
     (a, _), (b, _) = adapters["sft"], adapters["dpo"]
     inputs = [MergeInput(a, weight=1.0, density=0.5), MergeInput(b, weight=0.7, density=0.3)]

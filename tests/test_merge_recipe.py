@@ -179,3 +179,26 @@ def test_model_card_recipe_inputs_and_hashes(base_dir, adapters, tmp_path):
         for name, digest in files.items():
             assert digest == hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest()
             assert f"| `{name}` | `{digest}` |" in card
+
+
+def test_hashes_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    import os
+
+    import paft.merge.card as card
+
+    monkeypatch.setenv("PAFT_HASH_CACHE", str(tmp_path / "cache.json"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    read = []
+    real = card._sha256
+    monkeypatch.setattr(card, "_sha256", lambda p: read.append(p.name) or real(p))
+    first = file_hashes(folder)
+    assert sorted(read) == ["config.json", "model.safetensors"]
+    assert file_hashes(folder) == first and len(read) == 2  # remembered: nothing read again
+    (folder / "model.safetensors").write_bytes(b"weights v2")
+    os.utime(folder / "model.safetensors", ns=(1, 1))  # another mtime, whatever the clock's resolution
+    second = file_hashes(folder)
+    assert read[2:] == ["model.safetensors"]
+    assert second["model.safetensors"] == hashlib.sha256(b"weights v2").hexdigest() != first["model.safetensors"]

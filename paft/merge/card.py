@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
+from paft.io import write_json
+
 HASHED_JSON = ("adapter_config.json", "config.json")
+
+
+def hash_cache_file() -> Path:
+    """Where file digests are remembered: ``$PAFT_HASH_CACHE``, else ``~/.cache/paft/sha256.json``."""
+    return Path(os.environ.get("PAFT_HASH_CACHE") or Path.home() / ".cache" / "paft" / "sha256.json")
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _cached_digests(files: list[Path]) -> list[str]:
+    """sha256 of each file; a file whose path, size, mtime and inode match a remembered one is not read
+    again (a merge search merges the same inputs many times). The cache is best effort: unreadable, it is
+    rebuilt; unwritable, it is skipped."""
+    cache_file = hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    keys = [f"{f.resolve()}|{_stamp(f)}" for f in files]
+    todo = [(f, k) for f, k in zip(files, keys, strict=True) if k not in cache]
+    cache.update(zip((k for _, k in todo), _digests([f for f, _ in todo])))
+    if todo:
+        with contextlib.suppress(OSError):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(cache_file, cache)
+    return [cache[k] for k in keys]
 
 
 def _hashed_files(folder: str | Path) -> list[Path]:
@@ -32,7 +66,7 @@ def file_hashes(folder: str | Path) -> dict[str, str]:
     """sha256 of each ``*.safetensors`` file and of ``adapter_config.json`` / ``config.json`` of ``folder``,
     by file name (sorted)."""
     files = _hashed_files(folder)
-    return dict(zip((f.name for f in files), _digests(files)))
+    return dict(zip((f.name for f in files), _cached_digests(files)))
 
 
 def input_hashes(base: str | Path, input_paths: list[str | Path]) -> dict[str, dict[str, str]]:
@@ -40,7 +74,7 @@ def input_hashes(base: str | Path, input_paths: list[str | Path]) -> dict[str, d
     folders = [str(p) for p in (base, *input_paths)]
     files = {f: _hashed_files(f) for f in dict.fromkeys(folders)}
     flat = [p for ps in files.values() for p in ps]
-    digests = iter(_digests(flat))
+    digests = iter(_cached_digests(flat))
     return {f: {p.name: next(digests) for p in ps} for f, ps in files.items()}
 
 

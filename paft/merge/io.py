@@ -24,6 +24,8 @@ import torch
 
 from paft.errors import PaftError
 from paft.io import atomic_dir, read_json, write_json
+from paft.merge.adapter import extract_lora
+from paft.merge.card import input_hashes, model_card
 from paft.merge.deltas import ADAPTER_CONFIG, DeltaItem, delta_items, is_adapter
 from paft.merge.methods import SIGN_NAMES, NonFinite, RescaleNorm, TieBreak, merge_into, resolve
 from paft.merge.select import chunks
@@ -31,6 +33,7 @@ from paft.merge.tensors import INDEX_FILE, ModelWeights, SafetensorsWriter
 
 SUMMARY_FILE = "merge_summary.json"
 CARD_FILE = "README.md"
+ADAPTER_DIR = "adapter"
 # Non-weight files of the base that the merged folder needs to load and run as the base does.
 COPIED_FILES = (
     "config.json",
@@ -145,6 +148,9 @@ def merge_models(
     threads: int | None = None,
     allow_vocab_mismatch: bool = False,
     ignore_adapter_base: bool = False,
+    adapter_rank: int | None = None,
+    hash_inputs: bool = True,
+    recipe: str | None = None,
 ) -> dict:
     """Merge ``inputs`` into ``base_dir`` with ``method``; write ``out_dir`` atomically; return the summary.
 
@@ -158,7 +164,13 @@ def merge_models(
     ``threads``: worker threads (default: the CPUs this process may use). ``allow_vocab_mismatch``: a
     full model (or a delta) with another vocabulary size merges the rows it shares with the base (its extra
     rows are dropped; base rows it lacks get no delta from it). ``ignore_adapter_base``: merge a LoRA
-    adapter whose recorded base is not ``base_dir`` (shapes are still checked).
+    adapter whose recorded base is not ``base_dir`` (shapes are still checked). ``adapter_rank``: also
+    write the merge as a LoRA adapter of that rank (``adapter/``, truncated SVD of each linear layer's
+    merged delta: :func:`paft.merge.adapter.extract_lora`; its summary says what it could not carry).
+
+    The folder gets a model card (``README.md``: the recipe, ``recipe`` as YAML or built from these
+    arguments, and the sha256 of the base's and the inputs' files, hashed on a thread while the merge runs
+    unless ``hash_inputs`` is False) and ``merge_summary.json``.
 
     Tensors that no input changes are copied unchanged (except ``linear`` without normalize, whose
     weights do not sum to 1: it scales every tensor, as mergekit's ``sum_i w_i m_i``); an input without a
@@ -200,7 +212,23 @@ def merge_models(
     stats = [{"tensors": 0, "params": 0, "nonzero": 0, "kept": 0} for _ in inputs]
     weights, densities = [i.weight for i in inputs], [i.density for i in inputs]
 
-    with ThreadPoolExecutor(threads) as pool, _intra_op_threads(1):
+    if adapter_rank is not None and (isinstance(adapter_rank, bool) or int(adapter_rank) < 1):
+        raise PaftError(f"adapter_rank must be a positive integer, got {adapter_rank!r}")
+    if recipe is None:
+        from paft.merge.recipe import Recipe
+
+        recipe = Recipe.model_validate({
+            "method": spec.name, "base": str(base_dir),
+            "inputs": [{"path": str(i.path), "weight": i.weight, "density": i.density} for i in inputs],
+            "lambda_": lambda_, "normalize": normalize, "rescale": rescale, "rescale_norm": rescale_norm,
+            "sign": sign, "tie_break": tie_break, "delta_dtype": delta_dtype, "seed": seed,
+            "adapter_rank": adapter_rank, "allow_vocab_mismatch": allow_vocab_mismatch,
+            "ignore_adapter_base": ignore_adapter_base,
+        }).to_yaml()
+
+    with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(threads) as pool, _intra_op_threads(1):
+        hashes = hasher.submit(input_hashes, base_dir, [i.path for i in inputs]) if hash_inputs else None
+
         def run(f, n):
             return list(pool.map(f, range(n))) if n > 1 and threads > 1 else [f(c) for c in range(n)]
 
@@ -255,6 +283,9 @@ def merge_models(
                         shutil.copy2(f, tmp / f.name)
             summary = _summary(opts, base_dir, inputs, stats, delta_dtype, len(names), len(base.names()) - len(names))
             summary["threads"] = threads
+            if adapter_rank is not None:
+                summary["adapter"] = extract_lora(base_dir, tmp, tmp / ADAPTER_DIR, int(adapter_rank))
+            (tmp / CARD_FILE).write_text(model_card(summary, recipe, hashes.result() if hashes else {}))
             summary["seconds"] = round(time.perf_counter() - started, 3)
             write_json(tmp / SUMMARY_FILE, summary)
     return summary

@@ -43,7 +43,6 @@ Errors are :class:`~paft.errors.ConfigError` with one line ``<file>:<line>: <dot
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -382,14 +381,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
     """Merge as ``recipe`` says into ``out_dir``; returns the engine's summary."""
     from paft.merge import io
 
-    accepted = inspect.signature(io.merge_models).parameters
-    kwargs = recipe.merge_kwargs()
-    for key in kwargs:
-        if key not in accepted:
-            raise PaftError(f"{key}: not supported by this version of the merge engine")
-    if "recipe" in accepted:
-        kwargs["recipe"] = recipe.to_yaml()
-    return io.merge_models(recipe.base, recipe.merge_inputs(), recipe.method, out_dir, **kwargs)
+    return io.merge_models(recipe.base, recipe.merge_inputs(), recipe.method, out_dir, **recipe.merge_kwargs(),
+                           recipe=recipe.to_yaml())
 
 
 __all__ = ["Recipe", "RecipeInput", "load_recipe", "run_recipe"]
