@@ -14,7 +14,8 @@ Contenders, each in its own process, started by a small launcher process (a chil
 the process it was forked from): wall clock from spawn to exit (imports included); peak memory = the larger of the
 process's ru_maxrss (os.wait4) and the summed RSS of its process tree, polled every 50 ms:
   ours       ``paft.merge.merge_models(base, [dense, sparse], method, out, **--ours-kwargs)``, weights 1.0,
-             density 0.2 for ties (1.0 for task_arithmetic), every other option at its default
+             density 0.2 for ties (1.0 for task_arithmetic), every other option at its default (so it also
+             writes a model card with the sha256 of every input file, hashed afresh in every run)
   mergekit   ``mergekit-yaml config.yml out --no-copy-tokenizer --no-write-model-card --quiet`` (CPU, defaults
              otherwise), the same models, weights and densities, ``dtype: bfloat16``
   I/O floor  reads every byte of the three models' safetensors files and writes a copy of the base's (one output of
@@ -132,6 +133,11 @@ def read_all(models: list[str], out: str | None = None) -> None:
 
 
 def run_ours(job: dict) -> None:
+    import tempfile
+
+    # the model card's input hashes are remembered across merges (paft.merge.card): start cold every run,
+    # so each run pays the hashing a first merge of these inputs pays
+    os.environ["PAFT_HASH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="bench-hashes-"), "sha256.json")
     t = time.perf_counter()
     from paft.merge import MergeInput, merge_models
 

@@ -94,12 +94,13 @@ class DeltaItem:
 
 
 def delta_items(
-    base: ModelWeights, input_dir: str | Path, *, dtype: str = "float32", vocab_rows: bool = False
+    base: ModelWeights, input_dir: str | Path, *, dtype: str = "float32", vocab_rows: tuple[int, int] | None = None
 ) -> list[DeltaItem]:
     """The deltas of an adapter folder (if it has ``adapter_config.json``) or a full model folder, sorted by
     name, checked against the base (names, shapes) but not read. ``dtype``: what full tensors are subtracted
-    in (module docstring). ``vocab_rows``: a delta whose shape differs from the base's only in its first
-    dimension (a vocabulary of another size) is cut or zero-padded to the base's rows instead of refused."""
+    in (module docstring). ``vocab_rows`` (the base's and the input's vocabulary sizes): a tensor with as many
+    rows as the input's vocabulary where the base's has the base's (embeddings, output head), otherwise of
+    the same shape, gets its delta cut or zero-padded to the base's rows instead of refused."""
     input_dir = Path(input_dir)
     check_delta_dtype(dtype)
     if not input_dir.is_dir():
@@ -115,7 +116,7 @@ def delta_items(
         want = base.shape(it.name)
         if it.shape == want:
             continue
-        if not (vocab_rows and len(it.shape) == len(want) and it.shape[1:] == want[1:]):
+        if not (vocab_rows and (want[0], it.shape[0]) == vocab_rows and it.shape[1:] == want[1:]):
             hint = "; a vocabulary of another size? (allow_vocab_mismatch merges the shared rows)" if (
                 len(it.shape) == len(want) > 1 and it.shape[1:] == want[1:]) else ""
             raise PaftError(

@@ -199,7 +199,10 @@ def merge_models(
                 _check_adapter_base(base_dir, path)
         else:
             _check_config(base_cfg, path, allow_vocab_mismatch)
-        found = {it.name: it for it in delta_items(base, path, dtype=delta_dtype, vocab_rows=allow_vocab_mismatch)}
+        vocab = None
+        if allow_vocab_mismatch and not is_adapter(path) and (path / "config.json").is_file():
+            vocab = (base_cfg.get("vocab_size"), read_json(path / "config.json").get("vocab_size"))
+        found = {it.name: it for it in delta_items(base, path, dtype=delta_dtype, vocab_rows=vocab)}
         if not is_adapter(path):
             for name in base.names():
                 if name not in found:
@@ -253,8 +256,11 @@ def merge_models(
             out = torch.empty(b.shape, dtype=b.dtype)
             try:
                 return merge_into(out, opts, b, deltas, weights, densities, name=name, run=run, stats=stats)
-            except NonFinite as e:
-                culprit = base_dir if not bool(torch.isfinite(b.float()).all()) else inputs[e.index].path
+            except NonFinite as e:  # the base's inf / NaN show in full models' deltas too: blame it first
+                culprit = base_dir if not bool(torch.isfinite(b.float()).all()) else (
+                    None if e.index is None else inputs[e.index].path)
+                if culprit is None:
+                    raise PaftError(f"{out_dir}: merged tensor {name!r} overflows (weights or lambda too large?)") from None
                 raise PaftError(f"{culprit}: tensor {name!r} has non-finite values (inf or NaN)") from None
 
         def written(w: SafetensorsWriter, name: str, t: torch.Tensor) -> None:

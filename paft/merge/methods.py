@@ -266,8 +266,10 @@ def serial(f: Callable[[int], object], n: int) -> list:
 
 
 class NonFinite(PaftError):
-    def __init__(self, index: int):
-        super().__init__(f"input {index} has non-finite values")
+    """An inf or NaN in input ``index``'s delta (None: in the merge, from the base or an overflow)."""
+
+    def __init__(self, index: int | None):
+        super().__init__(f"input {index} has non-finite values" if index is not None else "non-finite merge")
         self.index = index
 
 
@@ -332,7 +334,8 @@ def merge_into(
             parts = run(sums, len(spans))
             before, after = sum(p[0] for p in parts), sum(p[1] for p in parts)
             scales.append(1.0 if before < 1e-7 or after < 1e-7 else before / after)
-    # inf / NaN: a magnitude plan saw them; else the sum of each chunk (DARE may drop them) or of the merge
+    # inf / NaN: a magnitude plan sees them, DARE may drop them (each chunk's sum is checked), and whatever
+    # reaches the merge is caught in its chunk's sum
     check_each = spec.sparsification == "random"
 
     def chunk(c: int) -> list[tuple[int, int]]:
@@ -358,11 +361,13 @@ def merge_into(
         b = flat_base[s:e]
         mixed = combine(spec, trimmed, weights, normalize=opts.normalize, lambda_=opts.lambda_,
                         sign=opts.consensus, base=b)
-        if spec.sparsification is None and not math.isfinite(float(mixed.sum())):
+        merged = mixed.add_(b.float())
+        if not math.isfinite(float(merged.sum())) and not bool(torch.isfinite(merged).all()):
             for i, d in enumerate(flat):
                 if d is not None:
                     _check_finite(d[s:e], i)
-        flat_out[s:e] = mixed.add_(b.float())
+            raise NonFinite(None)  # the base's entries, or the merge overflows
+        flat_out[s:e] = merged
         return counts
 
     results = run(chunk, len(spans))
