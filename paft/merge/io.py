@@ -27,7 +27,7 @@ from paft.io import atomic_dir, read_json, write_json
 from paft.merge.adapter import extract_lora
 from paft.merge.card import input_hashes, model_card
 from paft.merge.deltas import ADAPTER_CONFIG, DeltaItem, delta_items, is_adapter
-from paft.merge.methods import SIGN_NAMES, NonFinite, RescaleNorm, TieBreak, merge_into, resolve
+from paft.merge.methods import SIGN_NAMES, LazyDelta, NonFinite, RescaleNorm, TieBreak, merge_into, resolve
 from paft.merge.select import chunks
 from paft.merge.tensors import INDEX_FILE, ModelWeights, SafetensorsWriter
 
@@ -235,15 +235,23 @@ def merge_models(
         def run(f, n):
             return list(pool.map(f, range(n))) if n > 1 and threads > 1 else [f(c) for c in range(n)]
 
+        # deltas read more than once (top-k plans, l1 rescaling) are computed once and held for the tensor
+        reread = (spec.sparsification == "magnitude" or opts.rescale_norm == "l1") and any(
+            i.density < 1 for i in inputs)
+
         def merged(name: str) -> torch.Tensor:
             b = base.get(name)
             spans = chunks(b.shape)
             row = b.numel() // b.shape[0] if b.dim() > 1 else 1
-            deltas: list[torch.Tensor | None] = []
+            deltas: list[torch.Tensor | LazyDelta | None] = []
             for found in items:
                 it = found.get(name)
                 if it is None:
                     deltas.append(None)
+                    continue
+                if not reread:  # read once: computed in the merge's chunks, never held whole
+                    deltas.append(LazyDelta(lambda s, e, it=it: it.rows(s // row, e // row).reshape(-1),
+                                            b.numel(), it.dtype))
                     continue
                 d = torch.empty(b.shape, dtype=it.dtype)
 

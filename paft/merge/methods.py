@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 
 from paft.errors import PaftError
-from paft.merge.select import chunks, top_k
+from paft.merge.select import chunks, magnitude_keys, top_k
 
 Sparsification = Literal["magnitude", "random"]
 Consensus = Literal["sum", "count"]
@@ -273,11 +273,27 @@ class NonFinite(PaftError):
         self.index = index
 
 
+@dataclass(frozen=True)
+class LazyDelta:
+    """A delta computed when read, chunk by chunk (``read(start, end)``: its flat entries ``start:end``),
+    never held whole; ``delta[s:e]`` reads."""
+
+    read: Callable[[int, int], torch.Tensor]
+    size: int
+    dtype: torch.dtype
+
+    def __getitem__(self, span: slice) -> torch.Tensor:
+        return self.read(span.start, span.stop)
+
+    def numel(self) -> int:
+        return self.size
+
+
 def merge_into(
     out: torch.Tensor,
     opts: Options,
     base: torch.Tensor,
-    deltas: Sequence[torch.Tensor | None],
+    deltas: Sequence[torch.Tensor | LazyDelta | None],
     weights: Sequence[float],
     densities: Sequence[float],
     *,
@@ -287,7 +303,8 @@ def merge_into(
 ) -> torch.Tensor:
     """``out = base + combine(sparsify(d_i))`` (rounded to ``out``'s dtype), chunk by chunk.
 
-    ``deltas[i]`` is None where input ``i`` leaves the tensor as the base (a zero delta); ``run(f, n)`` maps
+    ``deltas[i]`` is None where input ``i`` leaves the tensor as the base (a zero delta), a :class:`LazyDelta`
+    to compute it chunk by chunk (read twice by magnitude plans and ``l1`` rescaling); ``run(f, n)`` maps
     the per-chunk work over chunks (``serial``, or threads: chunks are independent). Step 1 for one input
     (see the module docstring): ``magnitude`` plans its top-k over the whole tensor first
     (:func:`paft.merge.select.top_k`, or a full sort for ``tie_break="sort"``); ``random`` draws each
@@ -299,7 +316,7 @@ def merge_into(
     spec = opts.spec
     spans = chunks(base.shape)
     flat_base, flat_out = base.reshape(-1), out.view(-1)
-    flat = [None if d is None else d.reshape(-1) for d in deltas]
+    flat = [d.reshape(-1) if isinstance(d, torch.Tensor) else d for d in deltas]
     # per input: (chunk as stored, chunk index) -> the chunk with dropped entries zeroed (None: keep all)
     trims: list[Callable[[torch.Tensor, int], torch.Tensor] | None] = []
     counted: list[tuple[int, int] | None] = []  # (nonzero, kept) when known without counting chunk by chunk
@@ -317,7 +334,7 @@ def merge_into(
             nonzero = d.numel() - plan.zeros
             counted[i] = (nonzero, k if plan.threshold > 0 else nonzero)
             if opts.tie_break == "sort":
-                full = top_k_mask(d, k, "sort")
+                full = top_k_mask(d if isinstance(d, torch.Tensor) else torch.cat([d[a:b] for a, b in spans]), k, "sort")
                 trims.append(lambda x, c, full=full: x * full[spans[c][0]: spans[c][1]])
             else:
                 trims.append(plan.apply)
@@ -353,9 +370,9 @@ def merge_into(
             if scale != 1.0:
                 y *= scale
             trimmed.append(y)
-            if stats is not None and counted[i] is None:
-                nz = int(torch.count_nonzero(x))
-                counts.append((nz, nz if trim is None else int(torch.count_nonzero(y))))
+            if stats is not None and counted[i] is None:  # nonzero keys: on integers, several times faster
+                nz = int(torch.count_nonzero(magnitude_keys(x)))
+                counts.append((nz, nz if trim is None else int(torch.count_nonzero(magnitude_keys(y)))))
             else:
                 counts.append((0, 0))
         b = flat_base[s:e]
