@@ -69,7 +69,7 @@ def _children(params, parent_id: str) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_a_rerun_after_a_failed_merge_reuses_the_finished_training_jobs(tmp_path, prefect_harness, monkeypatch):
-    import paft.merge
+    import paft.merge.io
     from flows.paft import paft as paft_flow
 
     path = write_params(tmp_path, {"train": {"sequential": False}})
@@ -78,7 +78,7 @@ def test_a_rerun_after_a_failed_merge_reuses_the_finished_training_jobs(tmp_path
     def broken(*args, **kwargs):
         raise RuntimeError("merge failed on purpose")
 
-    monkeypatch.setattr(paft.merge, "merge_models", broken)
+    monkeypatch.setattr(paft.merge.io, "merge_models", broken)  # what the flow's merge step (run_recipe) calls
     with pytest.raises(RuntimeError, match="on purpose"):
         paft_flow(params_path=str(path), overrides=[])
     (first,) = (tmp_path / "outputs").iterdir()

@@ -60,7 +60,9 @@ class MergeInput:
     density: float = 1.0  # share of the delta kept (methods that sparsify, e.g. ties); 1 keeps all
 
 
-def _check_inputs(base_dir: Path, inputs: list[MergeInput], out_dir: Path) -> None:
+def _check_inputs(base_dir: Path, inputs: list[MergeInput], out_dir: Path, adapter_rank: int | None) -> None:
+    if adapter_rank is not None and (isinstance(adapter_rank, bool) or int(adapter_rank) < 1):
+        raise PaftError(f"adapter_rank must be a positive integer, got {adapter_rank!r}")
     if not inputs:
         raise PaftError("merge needs at least one input")
     if not (base_dir / "config.json").is_file():
@@ -118,6 +120,27 @@ def _fingerprint(model_dir: Path) -> tuple:
     cfg = read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
     cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")}
     return cfg, [(p.name, p.stat().st_size) for p in files]
+
+
+def _open_input(base: ModelWeights, base_dir: Path, path: Path, delta_dtype: str, allow_vocab_mismatch: bool,
+                ignore_adapter_base: bool) -> dict[str, DeltaItem]:
+    """One input's deltas by base tensor name, checked against the base (nothing read yet)."""
+    if not path.is_dir():
+        raise PaftError(f"{path}: merge input folder does not exist")
+    base_cfg = read_json(base_dir / "config.json")
+    if is_adapter(path):
+        if not ignore_adapter_base:
+            _check_adapter_base(base_dir, path)
+        return {it.name: it for it in delta_items(base, path, dtype=delta_dtype)}
+    _check_config(base_cfg, path, allow_vocab_mismatch)
+    vocab = None
+    if allow_vocab_mismatch and (path / "config.json").is_file():
+        vocab = (base_cfg.get("vocab_size"), read_json(path / "config.json").get("vocab_size"))
+    found = {it.name: it for it in delta_items(base, path, dtype=delta_dtype, vocab_rows=vocab)}
+    for name in base.names():
+        if name not in found:
+            raise PaftError(f"{path}: tensor {name!r} of the base is missing")
+    return found
 
 
 @contextlib.contextmanager
@@ -184,30 +207,12 @@ def merge_models(
                    sign=sign, tie_break=tie_break, seed=seed)
     spec = opts.spec
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    _check_inputs(base_dir, inputs, out_dir)
+    _check_inputs(base_dir, inputs, out_dir, adapter_rank)
     threads = max(1, threads or len(os.sched_getaffinity(0)))
 
     base = ModelWeights(base_dir)
-    base_cfg = read_json(base_dir / "config.json")
-    items: list[dict[str, DeltaItem]] = []
-    for inp in inputs:
-        path = Path(inp.path)
-        if not path.is_dir():
-            raise PaftError(f"{path}: merge input folder does not exist")
-        if is_adapter(path):
-            if not ignore_adapter_base:
-                _check_adapter_base(base_dir, path)
-        else:
-            _check_config(base_cfg, path, allow_vocab_mismatch)
-        vocab = None
-        if allow_vocab_mismatch and not is_adapter(path) and (path / "config.json").is_file():
-            vocab = (base_cfg.get("vocab_size"), read_json(path / "config.json").get("vocab_size"))
-        found = {it.name: it for it in delta_items(base, path, dtype=delta_dtype, vocab_rows=vocab)}
-        if not is_adapter(path):
-            for name in base.names():
-                if name not in found:
-                    raise PaftError(f"{path}: tensor {name!r} of the base is missing")
-        items.append(found)
+    items = [_open_input(base, base_dir, Path(inp.path), delta_dtype, allow_vocab_mismatch, ignore_adapter_base)
+             for inp in inputs]
 
     names = set().union(*items)
     if spec.of_models and not opts.normalize and sum(i.weight for i in inputs) != 1:
@@ -215,9 +220,7 @@ def merge_models(
     stats = [{"tensors": 0, "params": 0, "nonzero": 0, "kept": 0} for _ in inputs]
     weights, densities = [i.weight for i in inputs], [i.density for i in inputs]
 
-    if adapter_rank is not None and (isinstance(adapter_rank, bool) or int(adapter_rank) < 1):
-        raise PaftError(f"adapter_rank must be a positive integer, got {adapter_rank!r}")
-    if recipe is None:
+    if recipe is None:  # the card's recipe, from the arguments (a call that did not come from a recipe)
         from paft.merge.recipe import Recipe
 
         recipe = Recipe.model_validate({
@@ -268,7 +271,8 @@ def merge_models(
                 culprit = base_dir if not bool(torch.isfinite(b.float()).all()) else (
                     None if e.index is None else inputs[e.index].path)
                 if culprit is None:
-                    raise PaftError(f"{out_dir}: merged tensor {name!r} overflows (weights or lambda too large?)") from None
+                    raise PaftError(f"{out_dir}: merged tensor {name!r} overflows (weights or lambda too large?)") \
+                        from None
                 raise PaftError(f"{culprit}: tensor {name!r} has non-finite values (inf or NaN)") from None
 
         def written(w: SafetensorsWriter, name: str, t: torch.Tensor) -> None:

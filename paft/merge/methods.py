@@ -325,7 +325,9 @@ def merge_into(
         if d is None or spec.sparsification is None or rho >= 1:
             trims.append(None)
         elif spec.sparsification == "random":
-            trims.append(lambda x, c, i=i, rho=rho: x * random_mask(x.numel(), rho, chunk_generator(opts.seed, name, i, c)))
+            trims.append(
+                lambda x, c, i=i, rho=rho: x * random_mask(x.numel(), rho, chunk_generator(opts.seed, name, i, c))
+            )
         else:
             k = keep_count(d.numel(), rho)
             plan = top_k(lambda c, d=d: d[spans[c][0]: spans[c][1]], spans, k, d.dtype, run)
@@ -334,7 +336,8 @@ def merge_into(
             nonzero = d.numel() - plan.zeros
             counted[i] = (nonzero, k if plan.threshold > 0 else nonzero)
             if opts.tie_break == "sort":
-                full = top_k_mask(d if isinstance(d, torch.Tensor) else torch.cat([d[a:b] for a, b in spans]), k, "sort")
+                whole = d if isinstance(d, torch.Tensor) else torch.cat([d[a:b] for a, b in spans])
+                full = top_k_mask(whole, k, "sort")
                 trims.append(lambda x, c, full=full: x * full[spans[c][0]: spans[c][1]])
             else:
                 trims.append(plan.apply)

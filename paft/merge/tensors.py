@@ -105,7 +105,7 @@ class ModelWeights:
         elif (self.dir / SINGLE_FILE).is_file():
             fnames, weight_map = [SINGLE_FILE], None
         else:
-            raise PaftError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors model folders can be merged)")
+            raise PaftError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (a safetensors model folder is needed)")
         self.files: dict[str, SafetensorsFile] = {}
         for fname in fnames:
             if not (self.dir / fname).is_file():
