@@ -238,10 +238,11 @@ def sparsity(params: Params, base: dict, trained: dict[str, dict], run_dir: str,
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(params: Params, candidates: list[dict], rec: dict, data: dict, run_dir: str, parent_id: str) -> dict:
     from paft.evaluate.candidates import evaluate_all
+    from paft.evaluate.report import with_alignment_tax
 
     with stage_run(params, parent_id, "evaluate") as (tracker, run_id):
         out = Path(run_dir) / "evaluation"
-        results = evaluate_all(params, candidates, rec["path"], data["path"], out)
+        results = with_alignment_tax(evaluate_all(params, candidates, rec["path"], data["path"], out))
         for name, metrics in results.items():
             tracker.log_metrics(run_id, {f"{name}/{k}": v for k, v in metrics.items()})
             tracker.log_metrics(parent_id, {f"{name}/{k}": v for k, v in metrics.items()})

@@ -26,6 +26,8 @@ def test_flow_runs_every_stage_and_reports_every_candidate(flow_run):
         row = out["results"][name]
         assert 0 <= row["task_em"] <= 1 and 0 <= row["pref_accuracy"] <= 1
         assert "rec_faithfulness_parse_rate" in row
+        best = max(out["results"][s]["task_em"] for s in ("sft", "align"))
+        assert row["tax_task_em"] == pytest.approx(best - row["task_em"])  # alignment tax vs the single stages
     assert set(out["results"]["rec"]) >= {"rec_parse_rate", "rec_rating_accuracy", "rec_citations_verified", "rec_pair_accuracy",
                                          "rec_pair_position_consistency", "rec_injection_flip_rate"}
     assert "| paft_ties |" in out["table"]
