@@ -58,7 +58,7 @@ from paft.merge.methods import METHODS, RESCALE_NORMS, SIGN_METHODS, SIGN_NAMES,
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 SignName = Literal["total", "frequency"]
-# engine options that are off unless set; merge_kwargs passes them only when set (older engines lack them)
+# engine options that are off unless set: merge_kwargs and the YAML carry them only when set
 EXTENSIONS = ("adapter_rank", "allow_vocab_mismatch", "ignore_adapter_base", "threads")
 UNSUPPORTED = {
     "slices": "layer slicing is not supported: list whole models under models",
