@@ -16,7 +16,8 @@ from tasks import stages
 
 @flow(name="paft-train", flow_run_name="{stage}", log_prints=True)
 def paft_train(stage: str, params: dict, root: str, inputs: dict) -> dict:
-    """``stage``: sft | align | sequential | rec; ``params``: the parent's validated params (``root``: the folder
+    """``stage``: a training job of the fan-out (sft, align, a variant of train.variants), sequential or rec;
+    ``params``: the parent's validated params (``root``: the folder
     their relative paths resolve against); ``inputs``: the stage task's other arguments."""
     p = Params.model_validate({**params, "root": root})
     result = stages.run_training(p, stage, inputs)

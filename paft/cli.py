@@ -35,10 +35,36 @@ def cmd_run(args) -> int:
     print(f"\nMLflow parent run: {out['parent_run_id']}   data version: {out['data_version']}")
     print(f"Outputs: {out['run_dir']}\n")
     print(out["table"])
+    if out["search"]:
+        s = out["search"]
+        print(f"\nMerge search: {len(s['points'])} merges tried, best {s['best']} (candidate paft_search; {s['objective']})")
     print(f"\nDelta sparsity:\n{out['sparsity_table']}")
+    if out["verdict"]:
+        print(f"\n{out['verdict']}")
+    print(f"\nReport: {out['report']}   (again from MLflow: paft report {out['parent_run_id']})")
     for kind, reg in out["registered"].items():
         print(f"registered {reg['name']} v{reg['version']} (alias {reg['alias']})")
     print(f"\nOpen the MLflow UI on these runs:\n  {out['mlflow_ui']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from paft.evaluate.experiment import write_experiment_report
+    from paft.tracking import Tracker
+
+    params = _params(args)
+    out = Path(args.out or f"report-{args.run_id}")
+    rep = write_experiment_report(Tracker.from_params(params), args.run_id, out, log=not args.no_log)
+    if not args.no_artifact:
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from tasks.common import publish_results
+
+        publish_results(rep["summary"])
+    if "verdict" in rep["data"]:
+        print(rep["data"]["verdict"]["text"])
+    print(f"Report: {rep['html']}\n        {rep['markdown']}")
     return 0
 
 
@@ -88,7 +114,7 @@ def cmd_sparsity(args) -> int:
     if len(set(names)) != len(names):
         raise PaftError(f"input names must be unique, got {names} (pass --names)")
     report = sparsity_report(args.base, dict(zip(names, args.deltas)), args.out,
-                             eps_abs=args.eps_abs, eps_rel=args.eps_rel)
+                             eps_abs=args.eps_abs, eps_rel=args.eps_rel, skip_unchanged=args.skip_unchanged)
     print(format_table(report))
     print(f"\nOutputs: {report['out_dir']}")
     return 0
@@ -174,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_params(sub.add_parser("run", help="run the whole flow in-process")).set_defaults(fn=cmd_run)
+    sp = sub.add_parser("report", help="the experiment report of a flow run, from MLflow",
+                        description="Markdown and a standalone HTML page with charts (metrics per candidate, delta "
+                                    "sparsity histograms, loss curves, merge search) of the flow run whose MLflow "
+                                    "parent run is RUN_ID (tracking.uri of --params); logged to that run under report/ "
+                                    "and published as the Prefect artifact paft-results.")
+    sp.add_argument("run_id", metavar="RUN_ID", help="MLflow parent run id (printed by paft run)")
+    with_params(sp)
+    sp.add_argument("--out", default=None, help="output folder (default: ./report-RUN_ID)")
+    sp.add_argument("--no-log", action="store_true", help="do not log the report to the MLflow run")
+    sp.add_argument("--no-artifact", action="store_true", help="do not publish the Prefect artifact")
+    sp.set_defaults(fn=cmd_report)
     sp = with_params(sub.add_parser("prepare", help="the data stage (what `dvc repro prepare` runs)"))
     sp.add_argument("--out", default=None, help="output folder (default: paths.data_dir)")
     sp.set_defaults(fn=cmd_prepare)
@@ -215,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eps-abs", type=float, default=1e-5, help="absolute threshold on |delta| (default: 1e-5)")
     sp.add_argument("--eps-rel", type=float, default=1e-3,
                     help="relative threshold: |delta| <= eps_rel * mean|base tensor| (default: 1e-3)")
+    sp.add_argument("--skip-unchanged", action="store_true",
+                    help="leave out tensors whose delta is zero everywhere (a merged model: measure what the merge changed)")
     sp.set_defaults(fn=cmd_sparsity)
 
     rec = sub.add_parser("rec", help="REC, the evaluator: judge, train, evaluate").add_subparsers(dest="rec_command", required=True)

@@ -26,6 +26,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def located_error(title: str, loc: tuple, msg: str, value) -> ValidationError:
+    """A validation error at ``loc`` (relative to the model raising it), so that the load error names the dotted key."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    msg = msg.replace("{", "(").replace("}", ")")  # a PydanticCustomError message is a format template
+    return ValidationError.from_exception_data(title, [InitErrorDetails(
+        type=PydanticCustomError("invalid_value", msg), loc=loc, input=value)])
+
+
 # ----------------------------------------------------------------------------- data
 class SyntheticSource(Section):
     """The built-in task world (see paft/data/world.py): deterministic by ``data.seed``."""
@@ -134,10 +143,7 @@ class TrainConfig(Section):
     @staticmethod
     def _key_error(key: str, msg: str, value) -> ValidationError:
         """An error located at ``key`` of this section, so that the load error names ``section.key``."""
-        from pydantic_core import InitErrorDetails, PydanticCustomError
-
-        return ValidationError.from_exception_data(
-            "TrainConfig", [InitErrorDetails(type=PydanticCustomError("invalid_combination", msg), loc=(key,), input=value)])
+        return located_error("TrainConfig", (key,), msg, value)
 
     @model_validator(mode="before")
     @classmethod
@@ -184,19 +190,79 @@ class AlignConfig(TrainConfig):
     lr: PosFloat = 5e-4
 
 
+JOB_KINDS = {"sft": SFTTrainConfig, "align": AlignConfig}
+RESERVED_JOBS = ("base", "sequential", "rec", "search")
+_JOB_NAME = r"^[a-z][a-z0-9_]*$"
+
+
 class TrainSection(Section):
     sft: SFTTrainConfig = SFTTrainConfig()
     align: AlignConfig = AlignConfig()
-    # also train the baseline PAFT replaces: SFT, then alignment starting from the SFT model
+    # also train the baseline PAFT replaces: SFT, then alignment (train.align) starting from the SFT model
     sequential: bool = True
+    # more jobs of the fan-out, each a copy of train.sft or train.align with changes, trained beside them:
+    # name -> {from: sft | align, <keys of that section to change>}, e.g. sft_l1: {from: sft, l1: {weight: 0.1}}
+    variants: dict[str, dict] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _variants_valid(self):
+        import re
+
+        for name, spec in self.variants.items():
+            if not re.match(_JOB_NAME, name) or name in (*JOB_KINDS, *RESERVED_JOBS):
+                raise TrainConfig._key_error("variants", f"job name {name!r}: use lower-case letters, digits and _ "
+                                             f"(not {', '.join((*JOB_KINDS, *RESERVED_JOBS))})", name)
+            if not isinstance(spec, dict) or spec.get("from") not in JOB_KINDS:
+                raise located_error("TrainSection", ("variants", name, "from"), "give from: sft or from: align",
+                                    spec.get("from") if isinstance(spec, dict) else spec)
+            try:
+                self.job(name)
+            except ValidationError as e:  # the variant's own key, e.g. train.variants.sft_l1.l1.weight
+                err = e.errors()[0]
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                raise located_error("TrainSection", ("variants", name, *err["loc"]), msg, err.get("input")) from None
+        return self
+
+    def job(self, name: str) -> tuple[str, TrainConfig]:
+        """(kind "sft" | "align", config) of training job ``name``: train.sft, train.align or a variant."""
+        if name in JOB_KINDS:
+            return name, getattr(self, name)
+        if name not in self.variants:
+            raise ConfigError(f"no training job {name!r} (known: {', '.join(self.jobs())})")
+        spec = dict(self.variants[name])
+        kind = spec.pop("from")
+        cfg = _deep_merge(getattr(self, kind).model_dump(), spec)
+        return kind, JOB_KINDS[kind].model_validate(cfg)
+
+    def jobs(self) -> dict[str, str]:
+        """Every training job of the fan-out: name -> kind ("sft" | "align"); train.sft and train.align first."""
+        return {"sft": "sft", "align": "align", **{n: s["from"] for n, s in self.variants.items()}}
 
 
 # ----------------------------------------------------------------------------- merge
 MergeMethod = Literal["ties", "task_arithmetic", "linear", "dare_ties", "dare_linear", "magnitude_prune"]
 
 
+class MergeSearchConfig(Section):
+    """Merge search: merges over methods × densities × weights, each scored (evaluate.score) and logged as a child
+    run of ``merge_search``; the best is a candidate (``paft_search``) and can be registered. budget 0: no search."""
+
+    budget: Annotated[int, Field(ge=0)] = 0  # at most this many merges
+    strategy: Literal["grid", "random"] = "grid"  # grid: the whole product when it fits the budget, else a seeded sample
+    methods: list[MergeMethod] = Field(default_factory=lambda: ["ties", "dare_ties", "task_arithmetic"], min_length=1)
+    densities: list[Fraction] = Field(default_factory=lambda: [0.2, 0.5, 0.8], min_length=1)
+    weights: list[Annotated[list[PosFloat], Field(min_length=2, max_length=2)]] = Field(
+        default_factory=lambda: [[1.0, 1.0], [1.0, 0.5], [0.5, 1.0]], min_length=1)  # [SFT weight, alignment weight]
+    sft: str = "sft"  # the training jobs whose deltas are merged
+    align: str = "align"
+    rec: bool = False  # also judge each point with REC (slow); the best point is judged in the evaluation anyway
+
+
 class MergeConfig(Section):
     methods: list[MergeMethod] = Field(default_factory=lambda: ["ties", "task_arithmetic"], min_length=1)
+    # every SFT job here is merged with every alignment job below, by every method (candidates paft_<method>[_<job>])
+    sft: list[str] = Field(default_factory=lambda: ["sft"], min_length=1)
+    align: list[str] = Field(default_factory=lambda: ["align"], min_length=1)
     density: Fraction = 0.5  # share of each delta kept by ties / magnitude_prune (top |delta|), dare_* (random)
     sft_weight: PosFloat = 1.0
     align_weight: PosFloat = 1.0
@@ -204,6 +270,7 @@ class MergeConfig(Section):
     sign: Literal["total", "frequency"] = "total"  # majority sign of ties / dare_ties: sum of deltas | count of signs
     normalize: bool | None = None  # None: the method's default (paft/merge/methods.py)
     rescale: bool | None = None  # None: the method's default (dare_*: rescaled, keeping each tensor's L1 norm)
+    search: MergeSearchConfig = MergeSearchConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -273,6 +340,15 @@ class EvaluateConfig(Section):
     max_new_tokens: PosInt = 24
     batch_size: PosInt = 16
     rec_dimensions: list[Dimension] = Field(default_factory=lambda: ["faithfulness", "instruction_following"])
+    # the candidates evaluated (names or shell patterns, e.g. [base, sequential, "paft_*"]); null: every one
+    candidates: list[str] | None = None
+    # score = sum of weight × metric: the one number the merge search maximises (and promotion can compare)
+    score: dict[str, float] = Field(default_factory=lambda: {"task_em": 1.0, "pref_accuracy": 1.0}, min_length=1)
+    # lm-evaluation-harness tasks run on each candidate ("name" or "name:num_fewshot"), e.g. the Open LLM
+    # Leaderboard set in profiles/paft-mistral-7b.yaml; harness_include: folders of local task YAMLs
+    harness_tasks: list[str] = Field(default_factory=list)
+    harness_include: list[str] = Field(default_factory=list)
+    harness_limit: PosInt | None = None  # examples per task (None: all)
 
 
 # ----------------------------------------------------------------------------- infrastructure
@@ -307,7 +383,7 @@ class TrackingConfig(Section):
     rec_model_name: str = "paft-rec"
     # a new version becomes `champion` only when it beats the current one on this metric (higher is better),
     # else `challenger`: the merged model on its evaluation row, REC on its held-out quality
-    promote_metric: str = "task_em"
+    promote_metric: str = "score"
     rec_promote_metric: str = "rec_rating_accuracy"
 
 
@@ -331,6 +407,19 @@ class Params(Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     tracking: TrackingConfig = TrackingConfig()
     root: str = Field(".", exclude=True)  # folder relative paths resolve against (the params file's folder)
+
+    @model_validator(mode="after")
+    def _jobs_exist(self):
+        jobs = self.train.jobs()
+        m = self.merge
+        for key, names, kind in (("merge.sft", m.sft, "sft"), ("merge.align", m.align, "align"),
+                                 ("merge.search.sft", [m.search.sft], "sft"), ("merge.search.align", [m.search.align], "align")):
+            for name in names:
+                if jobs.get(name) != kind:
+                    known = ", ".join(n for n, k in jobs.items() if k == kind)
+                    raise located_error("Params", tuple(key.split(".")), f"{name!r} is not a {kind} training job "
+                                        f"(train.{kind} or a variant from: {kind}; known: {known})", name)
+        return self
 
     def path(self, p: str) -> Path:
         """Resolve a configured path against the params file's folder."""

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from paft.errors import PaftError
 from paft.train.common import MlflowRun
 
 PARAM_LIMIT = 6000  # characters MLflow keeps of a param value
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading artifacts back: no progress bars
 
 
 def git_commit(cwd: str | Path) -> str:
@@ -182,6 +184,41 @@ class Tracker:
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    def log_dict(self, run_id: str, obj: dict, name: str) -> None:
+        self.client.log_dict(run_id, obj, name)
+
+    # ------------------------------------------------------------------ reading runs back
+    def run(self, run_id: str) -> dict:
+        """A run's name, experiment, start time (epoch ms), status, tags, params and last metrics."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            r = self.client.get_run(run_id)
+        except MlflowException as e:
+            raise PaftError(f"MLflow run {run_id!r} not found at {self.uri} ({e.error_code})") from None
+        return {"id": run_id, "name": r.info.run_name, "experiment_id": r.info.experiment_id,
+                "start_time": r.info.start_time, "status": r.info.status, "tags": dict(r.data.tags),
+                "params": dict(r.data.params), "metrics": dict(r.data.metrics)}
+
+    def read_json(self, run_id: str, path: str) -> dict | None:
+        """The JSON artifact ``path`` of a run (None when the run has none there)."""
+        import json
+
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = self.client.download_artifacts(run_id, path, tmp)
+            except (MlflowException, OSError):
+                return None
+            return json.loads(Path(local).read_text(encoding="utf-8"))
+
+    def histories(self, run_id: str, keys) -> dict[str, list[list[float]]]:
+        """The step-indexed curves ``keys`` of a run that it has: {key: [[step, value], ...]} by step."""
+        logged = self.client.get_run(run_id).data.metrics
+        return {k: [[m.step, m.value] for m in sorted(self.client.get_metric_history(run_id, k), key=lambda m: m.step)]
+                for k in keys if k in logged}
+
     # ------------------------------------------------------------------ registry
     def register(self, run_id: str, artifact_path: str, name: str, tags: dict | None = None,
                  score: float | None = None, higher_is_better: bool = True) -> dict:
@@ -230,11 +267,12 @@ class Tracker:
         base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else ui
         return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
-    def children(self, parent_id: str) -> list[tuple[str, str]]:
-        """(name, run id) of the parent's child runs, oldest first."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+    def children(self, parent_id: str, tags: bool = False) -> list[tuple]:
+        """(name, run id) of the parent's child runs, oldest first; (name, run id, tags) with ``tags``."""
+        experiment = self.client.get_run(parent_id).info.experiment_id
+        runs = self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'",
                                        order_by=["attributes.start_time ASC"])
-        return [(r.info.run_name, r.info.run_id) for r in runs]
+        return [(r.info.run_name, r.info.run_id, *((dict(r.data.tags),) if tags else ())) for r in runs]
 
     def ui_command(self) -> str:
         exe = Path(sys.executable).with_name("mlflow")

@@ -32,11 +32,12 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
-def stage_config(params: Params, task_name: str) -> dict:
-    """The config section that shapes the task's job."""
+def stage_config(params: Params, task_name: str, job: str | None = None) -> dict:
+    """The config that shapes the task's job: REC's, or training job ``job``'s (default: the task's kind; the
+    sequential baseline trains with train.align)."""
     if task_name == "train_rec":
         return params.rec.model_dump()
-    return (params.train.sft if task_name == "train_sft" else params.train.align).model_dump()
+    return params.train.job(job or ("align" if task_name == "train_sequential" else task_name[len("train_"):]))[1].model_dump()
 
 
 def _identity(value: Any, run_dir: str | None) -> Any:
@@ -58,7 +59,7 @@ class TrainingCache(CachePolicy):
         run_dir = inputs.get("run_dir")
         return hash_obj({
             "task": name,
-            "config": stage_config(params, name),
+            "config": stage_config(params, name, inputs.get("job")),
             "seed": params.seed,
             "model": {"dtype": params.model.dtype, "trust_remote_code": params.model.trust_remote_code},
             "gpus_per_job": params.resources.gpus_per_job,

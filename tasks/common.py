@@ -29,3 +29,11 @@ def record_cached(params: Params, parent_id: str, name: str, result: dict) -> No
     tracker.log_params(run_id, {"path": result["path"]})
     tracker.log_metrics(run_id, {k: v for k, v in result.items() if k in ("steps", "seconds", "train_loss_first", "train_loss_last")})
     tracker.end(run_id)
+
+
+def publish_results(markdown: str) -> None:
+    """The experiment's summary (verdict, candidate table, links to the MLflow runs) as the Prefect artifact
+    ``paft-results``: in the flow run's Artifacts tab, and the latest under Artifacts → paft-results."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=markdown, key="paft-results", description="PAFT candidates compared")

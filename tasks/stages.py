@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from paft.config import Params
 from tasks.cache import TrainingCache
-from tasks.common import record_cached, stage_run
+from tasks.common import publish_results, record_cached, stage_run
 
 
 @task(name="prepare", cache_policy=NO_CACHE)
@@ -62,11 +62,11 @@ TRAINING = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn":
             "cache_policy": TrainingCache(), "persist_result": True}
 
 
-def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, parent_id: str, name: str | None = None) -> dict:
+def _train(job_name: str, params: Params, base: str, data_file: Path, out: Path, parent_id: str, name: str | None = None) -> dict:
     from paft.train.launch import launch, training_job
 
-    with stage_run(params, parent_id, name or f"train_{kind}") as (tracker, run_id):
-        job = training_job(kind, params, base, data_file, out)
+    with stage_run(params, parent_id, name or f"train_{job_name}") as (tracker, run_id):
+        job = training_job(job_name, params, base, data_file, out)
         tracker.log_params(run_id, {f"cfg.{k}": v for k, v in job.cfg.items()} | {"base": base})
         res = params.resources
         accelerate_config = str(params.path(res.accelerate_config)) if res.accelerate_config else None
@@ -79,18 +79,20 @@ def _train(kind: str, params: Params, base: str, data_file: Path, out: Path, par
         tracker.log_metrics(run_id, {k: v for k, v in summary.items() if k not in ("start", "end", "pid")})
         tracker.log_metrics(run_id, {f"dropped_{k}": v for k, v in summary.get("dropped", {}).items()})
         tracker.log_params(run_id, {"start": summary["start"], "end": summary["end"]})
-        tracker.log_artifacts(run_id, out, "model" if kind == "rec" else "adapter")
+        tracker.log_artifacts(run_id, out, "model" if job.kind == "rec" else "adapter")
     return {"path": str(out), "run_id": run_id, **summary}
 
 
 @task(name="train_sft", **TRAINING)
-def train_sft(params: Params, base: dict, data: dict, run_dir: str, parent_id: str) -> dict:
-    return _train("sft", params, base["path"], Path(data["path"]) / "sft.jsonl", Path(run_dir) / "sft", parent_id)
+def train_sft(params: Params, base: dict, data: dict, run_dir: str, parent_id: str, job: str = "sft") -> dict:
+    """SFT job ``job`` (train.sft or a variant of it) on the SFT rows."""
+    return _train(job, params, base["path"], Path(data["path"]) / "sft.jsonl", Path(run_dir) / job, parent_id)
 
 
 @task(name="train_align", **TRAINING)
-def train_align(params: Params, base: dict, data: dict, run_dir: str, parent_id: str) -> dict:
-    return _train("align", params, base["path"], Path(data["path"]) / "preference.jsonl", Path(run_dir) / "align", parent_id)
+def train_align(params: Params, base: dict, data: dict, run_dir: str, parent_id: str, job: str = "align") -> dict:
+    """Alignment job ``job`` (train.align or a variant: DPO and its losses, ORPO) on the preference pairs."""
+    return _train(job, params, base["path"], Path(data["path"]) / "preference.jsonl", Path(run_dir) / job, parent_id)
 
 
 @task(name="train_sequential", **TRAINING)
@@ -119,17 +121,26 @@ def result_storage(params: Params):
     return o.result_storage_block or params.path(o.result_storage).resolve()
 
 
+def _stage_task(params: Params, stage: str, inputs: dict):
+    """(task, inputs) of stage ``stage``: "sequential", "rec", or a training job of the fan-out (its kind's task
+    with the job's name)."""
+    if stage in STAGES and stage not in ("sft", "align"):
+        return STAGES[stage], inputs
+    return STAGES[params.train.jobs()[stage]], inputs | {"job": stage}
+
+
 def run_training(params: Params, stage: str, inputs: dict) -> dict:
-    """Training stage ``stage`` ("sft", "align", "sequential", "rec") in this process. A job an earlier flow run
-    finished with the same key is reused and recorded as a child MLflow run pointing at the job's own run;
-    if its output folder has been removed since, the job trains again."""
-    job = STAGES[stage].with_options(result_storage=result_storage(params))
+    """Training stage ``stage`` (a job of params.train.jobs(): "sft", "align", a variant; or "sequential", "rec")
+    in this process. A job an earlier flow run finished with the same key is reused and recorded as a child MLflow
+    run pointing at the job's own run; if its output folder has been removed since, the job trains again."""
+    task, inputs = _stage_task(params, stage, inputs)
+    job = task.with_options(result_storage=result_storage(params))
     state = job(params, **inputs, return_state=True)
     result = state.result()
     if state.name == "Cached":
         if (Path(result["path"]) / "summary.json").is_file():
             print(f"{job.name}: reusing the finished job {result['path']}")
-            record_cached(params, inputs["parent_id"], job.name, result)
+            record_cached(params, inputs["parent_id"], f"train_{inputs['job']}" if "job" in inputs else job.name, result)
         else:
             print(f"{job.name}: the cached output {result['path']} is gone; training again")
             result = job.with_options(refresh_cache=True)(params, **inputs)
@@ -186,47 +197,107 @@ def train(params: Params, stage: str, inputs: dict) -> dict:
     return run_training(params, stage, inputs)
 
 
-@task(name="merge", cache_policy=NO_CACHE)
-def merge(params: Params, base: dict, sft: dict, align: dict, run_dir: str, parent_id: str) -> dict[str, dict]:
-    """Every configured merge method → a model folder each; returns {method: {path, run_id, ...}}.
-
-    Each merge is a :class:`~paft.merge.recipe.Recipe` run by ``run_recipe``, the code ``paft merge`` runs;
-    its YAML is logged as ``recipe.yaml`` (``paft merge --recipe recipe.yaml --out DIR`` redoes it).
-    """
+def _merge(params: Params, tracker, run_id: str, base: dict, inputs: list[tuple[str, float, float]], method: str,
+           out: Path) -> dict:
+    """One merge of ``inputs`` ((path, weight, density) each) into the base by ``method``, written to ``out``;
+    logs its settings and recipe to ``run_id``. A :class:`~paft.merge.recipe.Recipe` run by ``run_recipe``, the
+    code ``paft merge`` runs; ``recipe.yaml`` redoes it (``paft merge --recipe recipe.yaml --out DIR``)."""
     from paft.merge.recipe import Recipe, RecipeInput, run_recipe
     from paft.models import local_path
 
     cfg = params.merge
-    inputs = [
-        RecipeInput(path=sft["path"], weight=cfg.sft_weight, density=cfg.density),
-        RecipeInput(path=align["path"], weight=cfg.align_weight, density=cfg.density),
-    ]
+    recipe = Recipe(method=method, base=str(local_path(base["path"])),
+                    inputs=[RecipeInput(path=p, weight=w, density=d) for p, w, d in inputs], lambda_=cfg.lambda_,
+                    seed=params.seed, sign=cfg.sign, normalize=cfg.normalize, rescale=cfg.rescale)
+    summary = run_recipe(recipe, out)
+    tracker.log_params(run_id, {"method": method, "density": inputs[0][2], "lambda": cfg.lambda_,
+                                "sft_weight": inputs[0][1], "align_weight": inputs[1][1],
+                                **{k: summary[k] for k in ("sign", "normalize", "rescale")}})
+    tracker.log_text(run_id, recipe.to_yaml(), "recipe.yaml")
+    return summary
+
+
+@task(name="merge", cache_policy=NO_CACHE)
+def merge(params: Params, base: dict, trained: dict[str, dict], run_dir: str, parent_id: str) -> dict[str, dict]:
+    """The PAFT merges (``merge_plan``: every method over every SFT × alignment job pair) → a model folder each;
+    returns {candidate name: {path, run_id, summary, method, sft, align}}; the first is "the" PAFT model."""
+    from paft.evaluate.candidates import merge_plan
+
+    cfg = params.merge
     out: dict[str, dict] = {}
-    for method in cfg.methods:
-        with stage_run(params, parent_id, f"merge_{method}") as (tracker, run_id):
-            path = Path(run_dir) / f"merged_{method}"
-            recipe = Recipe(method=method, base=str(local_path(base["path"])), inputs=inputs, lambda_=cfg.lambda_,
-                            seed=params.seed, sign=cfg.sign, normalize=cfg.normalize, rescale=cfg.rescale)
-            summary = run_recipe(recipe, path)
-            tracker.log_params(run_id, {"method": method, "density": cfg.density, "lambda": cfg.lambda_,
-                                        "sft_weight": cfg.sft_weight, "align_weight": cfg.align_weight,
-                                        **{k: summary[k] for k in ("sign", "normalize", "rescale")}})
+    for name, (method, sft, align) in merge_plan(params).items():
+        suffix = name.removeprefix("paft_")
+        with stage_run(params, parent_id, f"merge_{suffix}") as (tracker, run_id):
+            path = Path(run_dir) / f"merged_{suffix}"
+            inputs = [(trained[sft]["path"], cfg.sft_weight, cfg.density), (trained[align]["path"], cfg.align_weight, cfg.density)]
+            summary = _merge(params, tracker, run_id, base, inputs, method, path)
+            tracker.log_params(run_id, {"sft_job": sft, "align_job": align})
             tracker.log_artifacts(run_id, path, "model")
-            tracker.log_text(run_id, recipe.to_yaml(), "recipe.yaml")
-            out[method] = {"path": str(path), "run_id": run_id, "summary": summary}
+            out[name] = {"path": str(path), "run_id": run_id, "summary": summary, "method": method, "sft": sft, "align": align}
     return out
+
+
+@task(name="merge_search", cache_policy=NO_CACHE)
+def merge_search(params: Params, base: dict, trained: dict[str, dict], data: dict, run_dir: str, parent_id: str,
+                 rec: dict | None = None) -> dict | None:
+    """The merge search (``merge.search``): each point merged, scored on the held-out sets (and judged by REC with
+    ``merge.search.rec``) and logged as a child run of the ``merge_search`` run, so that MLflow's compare view shows
+    the whole search; only the best point's model is kept (and logged, for the registry). None when the budget is 0."""
+    import shutil
+
+    from paft.evaluate.candidates import evaluate_all
+    from paft.evaluate.report import score_label, with_score
+    from paft.merge.search import search_points
+
+    cfg, weights = params.merge.search, params.evaluate.score
+    if not cfg.budget:
+        return None
+    points = search_points(cfg.methods, cfg.densities, cfg.weights, budget=cfg.budget, strategy=cfg.strategy, seed=params.seed)
+    folder = Path(run_dir) / "search"
+    best: dict | None = None
+    rows = []
+    with stage_run(params, parent_id, "merge_search") as (tracker, search_id):
+        tracker.log_params(search_id, {"budget": cfg.budget, "strategy": cfg.strategy, "points": len(points),
+                                       "sft_job": cfg.sft, "align_job": cfg.align, "objective": score_label(weights)})
+        for point in points:
+            with stage_run(params, search_id, point.name, {"paft.stage": "merge_search_point"}) as (_, run_id):
+                path = folder / point.name
+                inputs = [(trained[job]["path"], w, point.density) for job, w in zip((cfg.sft, cfg.align), point.weights)]
+                _merge(params, tracker, run_id, base, inputs, point.method, path)
+                metrics = with_score(evaluate_all(params, [{"name": point.name, "path": str(path)}],
+                                                  rec["path"] if cfg.rec and rec else None, data["path"],
+                                                  folder / f"{point.name}.evaluation", reference=base["path"],
+                                                  harness=False), weights)[point.name]
+                tracker.log_metrics(run_id, metrics)
+                row = {"name": point.name, "method": point.method, "density": point.density,
+                       "weights": list(point.weights), "metrics": metrics, "run_id": run_id, "path": str(path)}
+                rows.append(row)
+                if best is None or metrics.get("score", float("-inf")) > best["metrics"].get("score", float("-inf")):
+                    if best:
+                        shutil.rmtree(best["path"], ignore_errors=True)
+                    best = row
+                else:
+                    shutil.rmtree(path, ignore_errors=True)  # only the best merge is kept
+        tracker.log_artifacts(best["run_id"], best["path"], "model")
+        tracker.set_tags(search_id, {"best": best["name"]})
+        tracker.log_metrics(search_id, {f"best_{k}": v for k, v in best["metrics"].items()})
+        result = {"objective": score_label(weights), "best": best["name"], "path": best["path"],
+                  "run_id": best["run_id"], "search_run_id": search_id, "points": rows}
+        tracker.log_dict(search_id, result, "search.json")
+    return result
 
 
 @task(name="sparsity", cache_policy=NO_CACHE)
 def sparsity(params: Params, base: dict, trained: dict[str, dict], run_dir: str, parent_id: str) -> dict:
-    """Share of near-zero entries in each trained delta (per module and overall), histograms, JSON report."""
+    """Share of near-zero entries in each trained or merged delta (per module and overall), histograms, JSON report."""
     from paft.models import local_path
     from paft.train.sparsity import format_table, sparsity_report
 
     with stage_run(params, parent_id, "sparsity") as (tracker, run_id):
         out = Path(run_dir) / "sparsity"
+        # merged full models are measured on the tensors the merge changed, like the adapters on their modules
         report = sparsity_report(local_path(base["path"]), {k: v["path"] for k, v in trained.items()}, out,
-                                 eps_abs=params.sparsity.eps_abs, eps_rel=params.sparsity.eps_rel)
+                                 eps_abs=params.sparsity.eps_abs, eps_rel=params.sparsity.eps_rel, skip_unchanged=True)
         metrics = {f"{name}/{k}": v for name, o in report["overall"].items() for k, v in o.items()}
         tracker.log_metrics(run_id, metrics)
         tracker.log_metrics(parent_id, {f"sparsity/{k}": v for k, v in metrics.items() if k.endswith(("share_abs", "share_rel"))})
@@ -236,17 +307,22 @@ def sparsity(params: Params, base: dict, trained: dict[str, dict], run_dir: str,
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(params: Params, candidates: list[dict], rec: dict, data: dict, run_dir: str, parent_id: str) -> dict:
+def evaluate(params: Params, candidates: list[dict], rec: dict, data: dict, run_dir: str, parent_id: str,
+             reference: str | None = None, sparsity: dict | None = None) -> dict:
+    """Every candidate's metrics, with its score, alignment tax and delta sparsity; REC's own quality."""
     from paft.evaluate.candidates import evaluate_all
-    from paft.evaluate.report import with_alignment_tax
+    from paft.evaluate.report import with_alignment_tax, with_score, with_sparsity
 
     with stage_run(params, parent_id, "evaluate") as (tracker, run_id):
         out = Path(run_dir) / "evaluation"
-        results = with_alignment_tax(evaluate_all(params, candidates, rec["path"], data["path"], out))
+        results = evaluate_all(params, candidates, rec["path"], data["path"], out, reference=reference)
+        results = with_sparsity(results, (sparsity or {}).get("overall", {}))
+        results = with_alignment_tax(with_score(results, params.evaluate.score), tuple(params.train.jobs()))
         for name, metrics in results.items():
             tracker.log_metrics(run_id, {f"{name}/{k}": v for k, v in metrics.items()})
             tracker.log_metrics(parent_id, {f"{name}/{k}": v for k, v in metrics.items()})
         tracker.log_artifacts(run_id, out, "evaluation")
+        tracker.log_dict(parent_id, results, "results.json")
     return results
 
 
@@ -259,28 +335,28 @@ def _score(results: dict, row: str, key: str, metric: str) -> float:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(params: Params, results: dict, merged: dict, rec: dict, data: dict, parent_id: str) -> dict:
-    """Results table (MLflow + Prefect artifact) and model registration."""
-    from prefect.artifacts import create_markdown_artifact
-
+def report(params: Params, results: dict, merged: dict, search: dict | None, rec: dict, data: dict, run_dir: str,
+           parent_id: str) -> dict:
+    """Model registration (the best PAFT merge; REC), the experiment report (markdown + HTML with charts, logged to
+    MLflow) and the Prefect artifact ``paft-results`` (verdict, table, links to every MLflow run)."""
+    from paft.evaluate.experiment import write_experiment_report
     from paft.evaluate.report import results_table
     from paft.tracking import Tracker
 
     tracker = Tracker.from_params(params)
-    table = results_table(results)
-    tracker.log_text(parent_id, table, "results.md")
     registered = {}
     if params.tracking.register_models:
-        tags = {"data_version": data["data_version"]}
-        method = params.merge.methods[0]
         t = params.tracking
-        registered["model"] = tracker.register(merged[method]["run_id"], "model", t.model_name,
-                                               tags | {"merge_method": method},
-                                               score=_score(results, f"paft_{method}", "promote_metric", t.promote_metric))
+        tags = {"data_version": data["data_version"]}
+        runs = {n: v["run_id"] for n, v in merged.items()} | ({"paft_search": search["run_id"]} if search else {})
+        scores = {n: _score(results, n, "promote_metric", t.promote_metric) for n in runs if n in results}
+        if scores:  # the best PAFT merge (of the plan and the search) is the new version
+            best = max(scores, key=scores.get)
+            registered["model"] = tracker.register(runs[best], "model", t.model_name, tags | {"candidate": best},
+                                                   score=scores[best])
         registered["rec"] = tracker.register(rec["run_id"], "model", t.rec_model_name, tags,
                                              score=_score(results, "rec", "rec_promote_metric", t.rec_promote_metric))
-    runs = "\n".join(f"- [{name}]({tracker.run_url(run_id)})" for name, run_id in tracker.children(parent_id))
-    markdown = (f"# PAFT results\n\nMLflow parent run [{parent_id}]({tracker.run_url(parent_id)})\n\n{table}\n\n"
-                f"## MLflow runs of the stages\n\n{runs}\n")
-    create_markdown_artifact(markdown=markdown, key="paft-results", description="Candidate comparison")
-    return {"table": table, "registered": registered}
+    rep = write_experiment_report(tracker, parent_id, Path(run_dir) / "report")
+    publish_results(rep["summary"])
+    return {"table": results_table(results), "registered": registered, "report": rep["html"],
+            "verdict": rep["data"].get("verdict", {}).get("text")}

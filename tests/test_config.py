@@ -78,3 +78,39 @@ def test_unreachable_tracking_server_stops_the_run_before_any_work(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"http://127.0.0.1:{port}" in lines[0] and "unreachable" in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_training_variants_are_copies_of_their_section_with_changes(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  sft: {lr: 0.01}\n  variants:\n    sft_l1: {from: sft, l1: {weight: 0.2}}\n"
+                    "    orpo: {from: align, method: orpo}\nmerge:\n  sft: [sft, sft_l1]\n  align: [orpo]\n")
+    p = load_params(path)
+    assert p.train.jobs() == {"sft": "sft", "align": "align", "sft_l1": "sft", "orpo": "align"}
+    kind, cfg = p.train.job("sft_l1")
+    assert kind == "sft" and cfg.l1.weight == 0.2 and cfg.lr == 0.01 and p.train.sft.l1.weight == 0
+    assert p.train.job("orpo")[1].method == "orpo" and p.train.job("orpo")[1].beta == p.train.align.beta
+    with pytest.raises(ConfigError, match="no training job 'dpo'"):
+        p.train.job("dpo")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.variants.sft_l1={from: sft, l1: {weight: -1}}", "train.variants.sft_l1.l1.weight"),
+        ("train.variants.sft_l1={from: sft, bogus: 1}", "train.variants.sft_l1.bogus"),
+        ("train.variants.x={from: nothing}", "train.variants.x.from"),
+        ("train.variants.sequential={from: sft}", "train.variants"),
+        ("train.variants.Bad-Name={from: sft}", "train.variants"),
+        ("merge.sft=[align]", "merge.sft"),
+        ("merge.align=[orpo]", "merge.align"),
+        ("merge.search.sft=missing", "merge.search.sft"),
+        ("merge.search.weights=[[1.0]]", "merge.search.weights[0]"),
+        ("merge.search.densities=[0]", "merge.search.densities[0]"),
+    ],
+)
+def test_bad_variant_or_job_reference_names_the_key(tmp_path, override, key):
+    path = tmp_path / "params.yaml"
+    path.write_text("{}\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(path, [override])
+    assert str(e.value).startswith(f"{path}: {key}:"), str(e.value)

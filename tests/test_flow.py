@@ -8,26 +8,37 @@ from tests.conftest import write_params
 
 pytestmark = pytest.mark.slow
 
+# every kind of candidate: SFT with L1 and ORPO beside SFT and DPO, merges of both SFT jobs, a merge search
+EXPERIMENT = {"train": {"variants": {"sft_l1": {"from": "sft", "l1": {"weight": 0.05}}, "orpo": {"from": "align", "method": "orpo"}}},
+              "merge": {"sft": ["sft", "sft_l1"], "search": {"budget": 2, "methods": ["ties"], "densities": [0.3, 0.7],
+                                                            "weights": [[1.0, 1.0]], "sft": "sft_l1"}}}
+CANDIDATES = {"base", "sft", "sft_l1", "align", "orpo", "sequential", "paft_ties", "paft_task_arithmetic", "paft_ties_l1",
+              "paft_task_arithmetic_l1", "paft_search"}
+
 
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory, prefect_harness):
     from flows.paft import paft
 
     folder = tmp_path_factory.mktemp("flow")
-    params_path = write_params(folder)
+    params_path = write_params(folder, EXPERIMENT)
     out = paft(params_path=str(params_path), overrides=[])
     return out, load_params(params_path)
 
 
 def test_flow_runs_every_stage_and_reports_every_candidate(flow_run):
     out, params = flow_run
-    assert set(out["results"]) == {"base", "sft", "align", "sequential", "paft_ties", "paft_task_arithmetic", "rec"}
-    for name in ("base", "sft", "align", "sequential", "paft_ties", "paft_task_arithmetic"):
+    assert set(out["results"]) == CANDIDATES | {"rec"}
+    for name in CANDIDATES:
         row = out["results"][name]
-        assert 0 <= row["task_em"] <= 1 and 0 <= row["pref_accuracy"] <= 1
-        assert "rec_faithfulness_parse_rate" in row
-        best = max(out["results"][s]["task_em"] for s in ("sft", "align"))
+        assert 0 <= row["task_em"] <= 1 and 0 <= row["pref_accuracy"] <= 1 and row["task_loss"] > 0
+        assert "rec_faithfulness_parse_rate" in row and "pref_reward_accuracy" in row
+        assert row["score"] == pytest.approx(row["task_em"] + row["pref_accuracy"])  # evaluate.score's default
+        best = max(out["results"][s]["task_em"] for s in ("sft", "sft_l1", "align", "orpo"))
         assert row["tax_task_em"] == pytest.approx(best - row["task_em"])  # alignment tax vs the single stages
+        if name not in ("base", "sequential"):  # every trained or merged delta is measured
+            assert 0 <= row["delta_sparsity"] <= 1
+    assert out["results"]["base"]["pref_reward_accuracy"] == 0  # its own reference: every reward is 0
     assert set(out["results"]["rec"]) >= {"rec_parse_rate", "rec_rating_accuracy", "rec_citations_verified", "rec_pair_accuracy",
                                          "rec_pair_position_consistency", "rec_injection_flip_rate"}
     assert "| paft_ties |" in out["table"]
@@ -74,8 +85,13 @@ def test_mlflow_holds_parent_children_tags_metrics_and_registry(flow_run):
     exp = client.get_experiment_by_name(params.tracking.experiment)
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {r.info.run_name for r in children}
-    assert names == {"prepare", "base_model", "train_sft", "train_align", "merge_ties", "merge_task_arithmetic",
+    assert names == {"prepare", "base_model", "train_sft", "train_sft_l1", "train_align", "train_orpo", "merge_ties",
+                     "merge_task_arithmetic", "merge_ties_l1", "merge_task_arithmetic_l1", "merge_search",
                      "train_rec", "train_sequential", "sparsity", "evaluate"}
+    orpo = next(r for r in children if r.info.run_name == "train_orpo")
+    assert orpo.data.params["cfg.method"] == "orpo" and orpo.data.params["cfg.lr"] == parent.data.params["train.align.lr"]
+    l1 = next(r for r in children if r.info.run_name == "train_sft_l1")
+    assert l1.data.params["cfg.l1"].startswith("{'weight': 0.05") and "l1_penalty" in l1.data.metrics
     sft = next(r for r in children if r.info.run_name == "train_sft")
     assert len(client.get_metric_history(sft.info.run_id, "loss")) >= 2  # the loss curve, by the trainer's callback
     assert client.get_metric_history(sft.info.run_id, "system/cpu_utilization_percentage")  # system metrics
@@ -85,6 +101,51 @@ def test_mlflow_holds_parent_children_tags_metrics_and_registry(flow_run):
     for name in (params.tracking.model_name, params.tracking.rec_model_name):
         mv = client.get_model_version_by_alias(name, "champion")
         assert int(mv.version) == 1 and mv.tags["data_version"] == out["data_version"]
+    # the registered model is the best PAFT merge by tracking.promote_metric (score)
+    mv = client.get_model_version_by_alias(params.tracking.model_name, "champion")
+    paft = {n: r["score"] for n, r in out["results"].items() if n.startswith("paft_")}
+    assert paft[mv.tags["candidate"]] == max(paft.values()) and float(mv.tags["score"]) == pytest.approx(max(paft.values()))
+
+
+def test_merge_search_points_are_child_runs_of_the_search_and_the_best_is_a_candidate(flow_run):
+    out, params = flow_run
+    client = MlflowClient(params.tracking_uri)
+    search = out["search"]
+    assert [p["name"] for p in search["points"]] == ["ties-d0.3-w1-1", "ties-d0.7-w1-1"]
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    points = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{search['search_run_id']}'")
+    assert {r.info.run_name for r in points} == {"ties-d0.3-w1-1", "ties-d0.7-w1-1"}
+    for r in points:  # what MLflow's compare view shows: the point's settings and its scores
+        assert r.data.params["method"] == "ties" and r.data.params["density"] in ("0.3", "0.7")
+        assert {"score", "task_em", "pref_accuracy"} <= set(r.data.metrics)
+    best = max(search["points"], key=lambda p: p["metrics"]["score"])
+    assert search["best"] == best["name"] and out["results"]["paft_search"]["task_em"] == best["metrics"]["task_em"]
+    from pathlib import Path
+
+    kept = sorted(p.name for p in (Path(out["run_dir"]) / "search").iterdir() if not p.name.endswith(".evaluation"))
+    assert kept == [best["name"]]  # only the best merge is kept, and logged for the registry
+    assert any(a.path == "model" for a in client.list_artifacts(best["run_id"]))
+
+
+def test_report_is_written_logged_and_made_again_from_mlflow(flow_run, tmp_path):
+    from paft.cli import main
+
+    out, params = flow_run
+    from pathlib import Path
+
+    html = Path(out["report"]).read_text()
+    assert "Verdict" in html and "paft_ties_l1" in html and html.count('<figure class="chart"') >= 10
+    client = MlflowClient(params.tracking_uri)
+    logged = {a.path for a in client.list_artifacts(out["parent_run_id"], "report")}
+    assert {"report/report.html", "report/report.md", "report/charts"} <= logged
+    # from the MLflow store alone, in another folder
+    rc = main(["report", out["parent_run_id"], "--params", str(Path(params.root) / "params.yaml"),
+               "--out", str(tmp_path / "again"), "--no-log", "--no-artifact"])
+    assert rc == 0
+    md = (tmp_path / "again" / "report.md").read_text()
+    assert out["table"].split("\n\n")[0] in md  # the candidate table, as the flow printed it
+    assert sorted(p.name for p in (tmp_path / "again" / "charts").iterdir()) == sorted(
+        p.name for p in (Path(out["report"]).parent / "charts").iterdir())
 
 
 def test_prefect_artifact_holds_the_table_with_links_to_the_mlflow_runs(flow_run):
@@ -95,7 +156,7 @@ def test_prefect_artifact_holds_the_table_with_links_to_the_mlflow_runs(flow_run
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["paft-results"])))
     markdown = max(arts, key=lambda a: a.created).data
-    assert "| paft_ties |" in markdown
+    assert "| paft_ties |" in markdown and "sequential" in markdown and out["verdict"] in markdown
     mlflow = MlflowClient(params.tracking_uri)
     children = mlflow.search_runs([mlflow.get_run(out["parent_run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")

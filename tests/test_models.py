@@ -56,3 +56,29 @@ def test_task_metrics_exact_match_and_style():
     assert m["task_em"] == pytest.approx(2 / 3) and m["task_em_first"] == 0 and m["task_em_lookup"] == 1
     assert m["style_rate"] == pytest.approx(1 / 3)
     assert M.extract_answer("The answer is none") is None
+
+
+def test_heldout_loss_is_the_mean_token_nll_and_implicit_reward_uses_the_reference():
+    from paft.data.formats import format_prompt
+
+    tok = train_tokenizer(TEXTS, 300)
+    params = load_params(write_params(__import__("pathlib").Path("/tmp")), [])
+    model, ref = build_tiny(params.model.tiny, tok, seed=1), build_tiny(params.model.tiny, tok, seed=2)
+    rows = [{"prompt": "The capital of Zorvia is", "completion": " mibba."},
+            {"prompt": "Items: apple, kiwi.", "completion": " The first item is apple."}]
+    prompts = [format_prompt(r["prompt"], tok) for r in rows]
+    scores = M.completion_logprobs(model, tok, prompts, [r["completion"] for r in rows])
+    n_tokens = [len(tok(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]  # + EOS
+    assert M.completion_loss(model, tok, rows) == pytest.approx(-sum(scores) / sum(n_tokens), rel=1e-5)
+    assert M.completion_loss(model, tok, []) is None
+
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " plum."} for r in rows]
+    own = M.preference_accuracy(model, tok, pairs, reference=M.pair_logprobs(model, tok, pairs))
+    assert own["pref_reward_accuracy"] == 0 and own["pref_reward_margin"] == pytest.approx(0, abs=1e-4)  # no change
+    c, r = M.pair_logprobs(model, tok, pairs)
+    c0, r0 = M.pair_logprobs(ref, tok, pairs)
+    got = M.preference_accuracy(model, tok, pairs, reference=(c0, r0))
+    rewards = [(a - a0) - (b - b0) for a, b, a0, b0 in zip(c, r, c0, r0)]
+    assert got["pref_reward_margin"] == pytest.approx(sum(rewards) / 2, abs=1e-4)
+    assert got["pref_reward_accuracy"] == sum(x > 0 for x in rewards) / 2
+    assert got["pref_accuracy"] == sum(a > b for a, b in zip(c, r)) / 2

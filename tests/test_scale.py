@@ -144,6 +144,11 @@ def test_mistral_7b_profile_is_complete_and_consistent():
                    ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "ultrafeedback_binarized")}
     assert FORMATS["messages"][0] == "sft" and FORMATS["ultrafeedback_binarized"][0] == "preference"
     assert p.merge.methods[0] == "ties" and p.train.align.method == "dpo"
+    # the comparison: plain SFT beside L1-sparse SFT and ORPO beside DPO; both SFT jobs merged; leaderboard tasks
+    assert p.train.sft.l1.weight == 0 and p.train.job("sft_l1")[1].l1.weight > 0 and p.train.job("orpo")[1].method == "orpo"
+    assert p.merge.sft == ["sft", "sft_l1"] and p.merge.search.budget > 0
+    assert {t.split(":")[0] for t in p.evaluate.harness_tasks} == {"arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2",
+                                                                    "winogrande", "gsm8k"}
     assert p.resources.gpus_per_job > 1
     # resources.accelerate_config resolves against the params file's folder (tasks/stages.py)
     acc_path = p.path(p.resources.accelerate_config)

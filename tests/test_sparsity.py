@@ -113,6 +113,20 @@ def test_full_model_exact_shares(base_dir, tmp_path):
     assert written["inputs"]["ft"] == {"path": str(ft), "kind": "full"}
 
 
+def test_skip_unchanged_measures_only_the_changed_tensors(base_dir, tmp_path):
+    def edit(w):
+        set_first(w[Q0], 128, 0.5)
+        set_first(w[Q1], 256, 0.5)
+
+    ft = full_copy(base_dir, tmp_path / "ft", edit)
+    rep = sparsity_report(base_dir, {"ft": ft}, tmp_path / "out", skip_unchanged=True)
+    o = rep["overall"]["ft"]
+    assert set(rep["modules"]["ft"]) == {Q0, Q1} and o["tensors"] == 2
+    assert o["unchanged_tensors"] == len(base_weights(base_dir)) - 2 and rep["skip_unchanged"] is True
+    assert o["entries"] == 2048 and o["share_abs"] == (2048 - 384) / 2048
+    assert o["coverage"] == pytest.approx(2048 / sum(t.numel() for t in base_weights(base_dir).values()))
+
+
 def test_relative_threshold_uses_base_scale(base_dir, tmp_path):
     def edit(w):
         w[BIG] += 1e-3  # > eps_abs, but <= 1e-3 * mean|W| = 2e-3: "unchanged" relatively
@@ -186,6 +200,14 @@ def test_histograms_are_pngs_and_sampled(base_dir, tmp_path):
         data = Path(p).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, p
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]  # no temp folders left
+    # the histogram data the PNGs plot: common bins; every (finite, in-range) sampled entry counted once
+    written = json.loads((out / "sparsity.json").read_text())["histograms"]
+    assert written == rep["histograms"] and list(written) == ["sft", "align"]
+    for name, h in written.items():
+        assert len(h["edges"]) == 101 and len(h["shares"]) == 100 and h["edges"] == written["sft"]["edges"]
+        assert h["samples"] >= 1000 and sum(h["shares"]) == pytest.approx(1.0), name
+        assert all(a < b for a, b in zip(h["edges"], h["edges"][1:])) and min(h["shares"]) >= 0
+    assert written["align"]["shares"][0] == pytest.approx(1.0)  # LoRA with B = 0: all exact zeros, lowest bin
 
 
 # ----------------------------------------------------------------------------- failures

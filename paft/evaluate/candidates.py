@@ -6,9 +6,36 @@ import time
 from pathlib import Path
 
 from paft.config import Params
+from paft.errors import ConfigError
 from paft.data.formats import format_prompt
 from paft.evaluate import metrics as M
 from paft.io import atomic_dir, read_jsonl, write_json, write_jsonl
+
+
+def merge_name(method: str, sft_job: str, align_job: str) -> str:
+    """The candidate name of a PAFT merge: ``paft_<method>``, plus the SFT job's name (without its ``sft_``) and the
+    alignment job's when they are not train.sft / train.align: ``paft_ties_l1``, ``paft_ties_l1_orpo``."""
+    parts = [f"paft_{method}"]
+    if sft_job != "sft":
+        parts.append(sft_job.removeprefix("sft_"))
+    if align_job != "align":
+        parts.append(align_job)
+    return "_".join(parts)
+
+
+def merge_plan(params: Params) -> dict[str, tuple[str, str, str]]:
+    """The PAFT merges of the flow: candidate name -> (method, SFT job, alignment job); every method of
+    ``merge.methods`` over every pair of ``merge.sft`` × ``merge.align``. The first is "the" PAFT model."""
+    m = params.merge
+    return {merge_name(method, s, a): (method, s, a) for s in m.sft for a in m.align for method in m.methods}
+
+
+def selected(params: Params, candidates: list[dict]) -> list[dict]:
+    """The candidates ``evaluate.candidates`` names (names or shell patterns; null: all), in their order."""
+    from fnmatch import fnmatchcase
+
+    patterns = params.evaluate.candidates
+    return [c for c in candidates if patterns is None or any(fnmatchcase(c["name"], p) for p in patterns)]
 
 
 def candidate(name: str, base: str, trained: str) -> dict:
@@ -42,14 +69,47 @@ def _held_out(data_dir: Path, name: str, limit: int) -> list[dict]:
     return limit_per_task(rows, limit) if name.startswith("eval_rec") else rows[:limit]
 
 
-def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, data_dir: str | Path, out_dir: str | Path) -> dict:
-    """Metrics per candidate (plus ``rec`` for the evaluator itself); generations and results saved in ``out_dir``."""
+def harness_includes(params: Params, out_dir: Path | None = None) -> list[Path]:
+    """The include paths of ``evaluate.harness_include``: folders of task YAMLs as given, and each JSONL file a local
+    task named after the file (:func:`paft.evaluate.harness.jsonl_task`), written under ``out_dir``; with ``out_dir``
+    None the files are only checked (a bad line stops the flow before any work, naming file and line)."""
+    from paft.evaluate.harness import check_jsonl_task, jsonl_task
+
+    out: list[Path] = []
+    for entry in params.evaluate.harness_include:
+        path = params.path(entry)
+        if path.suffix != ".jsonl":
+            if not path.is_dir():
+                raise ConfigError(f"evaluate.harness_include: {path} is neither a folder of task YAMLs nor a .jsonl file")
+            out.append(path)
+        elif out_dir is None:
+            check_jsonl_task(path)
+        else:
+            out.append(jsonl_task(path.stem, path, out_dir / path.stem, kind=None))
+    return out
+
+
+def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, data_dir: str | Path, out_dir: str | Path,
+                 reference: str | None = None, harness: bool = True) -> dict:
+    """Metrics per candidate (plus ``rec`` for the evaluator itself); generations and results saved in ``out_dir``.
+
+    ``reference``: the model DPO's implicit reward is measured against (the base), for every candidate alike.
+    ``harness``: also run ``evaluate.harness_tasks`` (lm-evaluation-harness) on each candidate."""
+    from paft.data.world import format_answer
+
     cfg, rec = params.evaluate, params.rec
     data_dir = Path(data_dir)
     tasks = _held_out(data_dir, "eval_tasks", cfg.max_examples)
     pairs = _held_out(data_dir, "eval_preference", cfg.max_examples)
+    sft_rows = _held_out(data_dir, "eval_sft", cfg.max_examples)  # real SFT data held out by prepare
+    task_rows = [{"prompt": t["prompt"], "completion": format_answer(t["answer"])} for t in tasks]
     rec_sets = {"rec" if f.stem == "eval_rec" else f"rec_{f.stem[len('eval_rec_'):]}": _held_out(data_dir, f.stem, cfg.max_examples)
                 for f in sorted(data_dir.glob("eval_rec*.jsonl"))}
+    ref_logps = None
+    if reference and pairs:
+        tok, model = load_candidate(params, {"path": reference})
+        ref_logps = M.pair_logprobs(model, tok, pairs, cfg.batch_size)
+        del model
     judge = None
     if rec_path:
         from paft.rec.judge import Judge, JudgeOptions
@@ -58,6 +118,8 @@ def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, d
         judge = Judge(rec_model, rec_tok, JudgeOptions.from_params(params))
     results: dict[str, dict] = {}
     with atomic_dir(out_dir) as tmp:
+        harness_tasks = cfg.harness_tasks if harness else []
+        includes = harness_includes(params, tmp / "harness_tasks") if harness_tasks else []
         for cand in candidates:
             started = time.time()
             tok, model = load_candidate(params, cand)
@@ -66,9 +128,18 @@ def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, d
             if tasks:
                 gens = M.generate(model, tok, [format_prompt(t["prompt"], tok) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
                 row.update(M.task_metrics(gens, tasks))
-            row.update(M.preference_accuracy(model, tok, pairs, cfg.batch_size))
+                row["task_loss"] = M.completion_loss(model, tok, task_rows, cfg.batch_size)
+            if sft_rows:
+                row["sft_loss"] = M.completion_loss(model, tok, sft_rows, cfg.batch_size)
+            row.update(M.preference_accuracy(model, tok, pairs, cfg.batch_size, reference=ref_logps))
             if judge and tasks:
                 row.update(M.rec_ratings(judge, tasks, gens, cfg.rec_dimensions, rec.citations))
+            if harness_tasks:
+                from paft.evaluate.harness import run_harness
+
+                row.update(run_harness(model, tok, harness_tasks, include_paths=includes, limit=cfg.harness_limit,
+                                       batch_size=cfg.batch_size, out_dir=tmp / f"harness_{cand['name']}",
+                                       seed=params.seed))
             row["eval_seconds"] = round(time.time() - started, 2)
             results[cand["name"]] = row
             write_jsonl(tmp / f"generations_{cand['name']}.jsonl",

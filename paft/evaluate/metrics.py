@@ -49,10 +49,11 @@ def task_metrics(generations: list[str], rows: list[dict]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16) -> list[float]:
-    """Sum of log-probabilities of each completion (plus EOS) given its prompt."""
+def completion_scores(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """Sum of log-probabilities of each completion (plus EOS) given its prompt, and its number of tokens."""
     model.eval()
     scores: list[float] = []
+    counts: list[int] = []
     for i in range(0, len(prompts), batch_size):
         ids, starts = [], []
         for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size]):
@@ -71,18 +72,48 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
         tok_logp = logp.gather(-1, input_ids[:, 1:, None])[..., 0]
         for j, seq in enumerate(ids):
             scores.append(tok_logp[j, starts[j] - 1 : len(seq) - 1].sum().item())
-    return scores
+            counts.append(len(seq) - starts[j])
+    return scores, counts
 
 
-def preference_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16) -> dict[str, float]:
-    """Share of held-out pairs whose chosen response is more likely than the rejected one, and the mean margin."""
+def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16) -> list[float]:
+    """Sum of log-probabilities of each completion (plus EOS) given its prompt."""
+    return completion_scores(model, tokenizer, prompts, completions, batch_size)[0]
+
+
+def completion_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float | None:
+    """Mean negative log-likelihood per completion token (EOS included) of ``rows`` ({prompt, completion}): the
+    held-out SFT loss, in nats per token, as the SFT trainer's completion-only loss counts it. None without rows."""
+    if not rows:
+        return None
+    prompts = [format_prompt(r["prompt"], tokenizer) for r in rows]
+    scores, counts = completion_scores(model, tokenizer, prompts, [r["completion"] for r in rows], batch_size)
+    return -sum(scores) / sum(counts)
+
+
+def pair_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) -> tuple[list[float], list[float]]:
+    """Log-probabilities of the chosen and of the rejected response of each pair."""
+    prompts = [format_prompt(r["prompt"], tokenizer) for r in rows]
+    return (completion_logprobs(model, tokenizer, prompts, [r["chosen"] for r in rows], batch_size),
+            completion_logprobs(model, tokenizer, prompts, [r["rejected"] for r in rows], batch_size))
+
+
+def preference_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16,
+                        reference: tuple[list[float], list[float]] | None = None) -> dict[str, float]:
+    """Share of held-out pairs whose chosen response is more likely than the rejected one, and the mean margin.
+
+    With ``reference`` (``pair_logprobs`` of a reference model, the base), also DPO's implicit reward
+    ``log π(y|x) − log π_ref(y|x)``: ``pref_reward_accuracy``, the share of pairs whose chosen response gets the
+    higher reward (ties count as misses, as TRL's ``rewards/accuracies``), and ``pref_reward_margin`` (nats)."""
     if not rows:
         return {}
-    prompts = [format_prompt(r["prompt"], tokenizer) for r in rows]
-    chosen = completion_logprobs(model, tokenizer, prompts, [r["chosen"] for r in rows], batch_size)
-    rejected = completion_logprobs(model, tokenizer, prompts, [r["rejected"] for r in rows], batch_size)
+    chosen, rejected = pair_logprobs(model, tokenizer, rows, batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"pref_accuracy": mean(m > 0 for m in margins), "pref_margin": mean(margins)}
+    out = {"pref_accuracy": mean(m > 0 for m in margins), "pref_margin": mean(margins)}
+    if reference is not None:
+        rewards = [(c - c0) - (r - r0) for c, r, c0, r0 in zip(chosen, rejected, *reference)]
+        out |= {"pref_reward_accuracy": mean(m > 0 for m in rewards), "pref_reward_margin": mean(rewards)}
+    return out
 
 
 def rec_ratings(judge, tasks: list[dict], generations: list[str], dimensions, citations: str) -> dict[str, float]:
@@ -95,6 +126,8 @@ def rec_ratings(judge, tasks: list[dict], generations: list[str], dimensions, ci
     n_empty = len(items) - len(judged)
     out: dict[str, float] = {}
     results = list(judge.judge(judged, "pointwise", list(dimensions), citations)) if judged else []
+    if citations != "none":  # over every dimension's judgments
+        out["rec_citations_verified"] = verified_rate([[c["verified"] for c in r["citations"]] for r in results if r["parsed"]])
     for k, dim in enumerate(dimensions):
         rs = results[k :: len(dimensions)]
         ratings = [r["rating"] for r in rs if r["parsed"]] + [judge.opt.lo] * n_empty

@@ -89,9 +89,11 @@ def leases() -> DeviceLeases:
         return _LEASES
 
 
-def training_job(kind: str, params: Params, base: str, data: str | Path, out: str | Path) -> Job:
-    """The job for stage ``kind`` ("sft", "align" or "rec") from the params."""
-    cfg = {"sft": params.train.sft, "align": params.train.align, "rec": params.rec}[kind].model_dump()
+def training_job(name: str, params: Params, base: str, data: str | Path, out: str | Path) -> Job:
+    """The job ``name`` from the params: "rec", or a training job of the fan-out ("sft", "align" or a variant
+    of ``train.variants``)."""
+    kind, section = ("rec", params.rec) if name == "rec" else params.train.job(name)
+    cfg = section.model_dump()
     if cfg["deepspeed"]:  # like every path in a params file, relative to that file's folder
         cfg["deepspeed"] = str(params.path(cfg["deepspeed"]).resolve())
     return Job(

@@ -24,6 +24,10 @@ proportion to its size.
 
 Output folder (written atomically): ``sparsity.json`` (the report), ``hist_<name>.png`` per input
 (``log10(|δ| + TINY)``, y on a log scale, vertical line at ``eps_abs``), ``hist_all.png`` (all inputs overlaid).
+The report also holds the histogram data the PNGs plot, so other renderers (the experiment page's SVG charts)
+draw the same bars: ``histograms = {name: {"edges": [101 bin edges, common to every input], "shares": [100
+shares], "samples": n}}``, each share the number of the input's ``n`` finite sampled values in that bin over
+``n`` (so the shares of an input sum to 1; all zeros for an input without entries).
 """
 
 from __future__ import annotations
@@ -55,9 +59,12 @@ DEFINITIONS = {
     "max_abs": "max |delta| over the finite entries",
     "l1": "sum |delta| (finite entries)",
     "l2": "sqrt(sum delta^2) (finite entries)",
-    "overall": "entry-weighted over the tensors that have a delta (a LoRA adapter: its target modules only)",
+    "overall": "entry-weighted over the tensors that have a delta (a LoRA adapter: its target modules only; "
+               "with skip_unchanged, not the tensors whose delta is zero everywhere: unchanged_tensors)",
     "coverage": "entries with a delta / entries of the base",
-    "histograms": f"log10(|delta| + {TINY:g}) over a random sample of at most ~{HIST_SAMPLE} entries per input",
+    "histograms": f"log10(|delta| + {TINY:g}) over a random sample of at most ~{HIST_SAMPLE} entries per input: "
+                  "edges (common bins), shares (finite sampled entries per bin / samples; they sum to 1), "
+                  "samples (finite sampled entries)",
 }
 
 
@@ -119,26 +126,33 @@ def _bins(samples: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.linspace(lo, hi, 101)
 
 
-def _plot(path: Path, samples: Mapping[str, np.ndarray], bins: np.ndarray, eps_abs: float, title: str) -> None:
+def _histogram(v: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, int]:
+    """(share of the finite values per bin, number of finite values): what the PNGs and ``histograms`` show."""
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return np.zeros(len(bins) - 1), 0
+    shares, _ = np.histogram(v, bins=bins, weights=np.full(v.shape, 1.0 / v.size))
+    return shares, int(v.size)
+
+
+def _plot(path: Path, hists: Mapping[str, dict], eps_abs: float, title: str) -> None:
+    """``hists``: entries of the report's ``histograms`` (common edges)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2), dpi=100)
     FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
     ax = fig.add_subplot()
-    overlay = len(samples) > 1
-    for name, v in samples.items():
-        v = v[np.isfinite(v)]
-        if not v.size:
-            continue
-        weights = np.full(v.shape, 1.0 / v.size)
-        ax.hist(v, bins=bins, weights=weights, label=name,
-                histtype="step" if overlay else "stepfilled", alpha=1.0 if overlay else 0.7, linewidth=1.4)
+    overlay = len(hists) > 1
+    for name, h in hists.items():
+        if h["samples"]:
+            ax.stairs(h["shares"], h["edges"], label=name, fill=not overlay, alpha=1.0 if overlay else 0.7,
+                      linewidth=1.4)
     if eps_abs > 0:
         ax.axvline(math.log10(eps_abs), color="k", linestyle="--", linewidth=1, label=f"eps_abs = {eps_abs:g}")
     ax.set_xlabel(f"log10(|δ| + {TINY:g})   (exact zeros at {math.log10(TINY):g})")
     ax.set_yscale("log")  # the spike of (near-)zeros would flatten everything else on a linear axis
-    largest = max((v.size for v in samples.values()), default=0)
+    largest = max((h["samples"] for h in hists.values()), default=0)
     if largest:
         ax.set_ylim(bottom=0.5 / largest, top=1.5)
     ax.set_ylabel("share of sampled entries (log scale)")
@@ -179,11 +193,14 @@ def sparsity_report(
     eps_rel: float = 1e-3,
     hist_sample: int = HIST_SAMPLE,
     seed: int = SEED,
+    skip_unchanged: bool = False,
 ) -> dict:
     """Measure the sparsity of each input's deltas against ``base_dir``; write ``out_dir`` atomically.
 
     ``inputs`` maps a name (used in the report and the file names) to an adapter or full-model folder.
-    Returns the report (as written to ``sparsity.json``) plus ``out_dir`` and ``files`` (absolute paths:
+    ``skip_unchanged``: leave out the tensors whose delta is zero everywhere (counted as ``unchanged_tensors``),
+    e.g. every tensor a merge of LoRA adapters leaves as the base's, so that a merged model is measured on the
+    modules its inputs changed, as the adapters are. Returns the report (as written to ``sparsity.json``) plus ``out_dir`` and ``files`` (absolute paths:
     ``json``, ``hist`` {name: png}, ``hist_all``). Everything is checked (folders, names, tensor names
     and shapes) before anything is written; a failure leaves no output behind.
     """
@@ -205,12 +222,16 @@ def sparsity_report(
         acc = {"entries": 0, "n_abs": 0, "n_rel": 0, "nonfinite": 0, "l1": 0.0, "l2sq": 0.0, "max_abs": 0.0}
         per: dict[str, dict] = {}
         parts = []
+        unchanged = 0
         for it in items:
             if it.name not in scales:
                 w = base.get(it.name).float()
                 scales[it.name] = float(w.abs().sum(dtype=torch.float64)) / w.numel() if w.numel() else 0.0
                 del w
             delta = it.load()
+            if skip_unchanged and not delta.any():
+                unchanged += 1
+                continue
             st = _tensor_stats(delta, scales[it.name], eps_abs, eps_rel)
             for k in ("entries", "n_abs", "n_rel", "nonfinite", "l1", "l2sq"):
                 acc[k] += st[k]
@@ -220,7 +241,7 @@ def sparsity_report(
                 k = delta.numel() if total <= hist_sample else math.ceil(hist_sample * delta.numel() / total)
                 parts.append(_sample_abs(delta, k, gen))
             del delta
-        overall[name] = {"tensors": len(items), **_finish(acc),
+        overall[name] = {"tensors": len(items) - unchanged, "unchanged_tensors": unchanged, **_finish(acc),
                          "coverage": acc["entries"] / base_entries if base_entries else None}
         modules[name] = per
         samples[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
@@ -230,22 +251,27 @@ def sparsity_report(
         "inputs": {n: {"path": str(p), "kind": "lora" if is_adapter(p) else "full"} for n, p in inputs.items()},
         "eps_abs": eps_abs,
         "eps_rel": eps_rel,
+        "skip_unchanged": skip_unchanged,
         "base_entries": base_entries,
         "hist_sample": hist_sample,
         "seed": seed,
         "definitions": DEFINITIONS,
         "overall": overall,
         "modules": modules,
+        "histograms": {},
         "files": {"json": REPORT_FILE, "hist": {n: f"hist_{n}.png" for n in inputs}, "hist_all": "hist_all.png"},
     }
     bins = _bins(samples)
+    for name, v in samples.items():
+        shares, n = _histogram(v, bins)
+        report["histograms"][name] = {"edges": bins.tolist(), "shares": shares.tolist(), "samples": n}
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / REPORT_FILE, report)
-        for name, v in samples.items():
-            o = overall[name]
+        hists = report["histograms"]
+        for name, o in overall.items():
             share = "n/a" if o["share_abs"] is None else f"{100 * o['share_abs']:.2f}%"
-            _plot(tmp / f"hist_{name}.png", {name: v}, bins, eps_abs, f"{name}: |δ| ≤ {eps_abs:g} for {share}")
-        _plot(tmp / "hist_all.png", samples, bins, eps_abs, "fine-tuning deltas, all inputs")
+            _plot(tmp / f"hist_{name}.png", {name: hists[name]}, eps_abs, f"{name}: |δ| ≤ {eps_abs:g} for {share}")
+        _plot(tmp / "hist_all.png", hists, eps_abs, "fine-tuning deltas, all inputs")
 
     files = {
         "json": str(out_dir / REPORT_FILE),
