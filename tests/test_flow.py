@@ -1,5 +1,7 @@
 """The whole flow, in-process, on the micro config: every stage runs and MLflow holds the record."""
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -11,7 +13,8 @@ pytestmark = pytest.mark.slow
 # every kind of candidate: SFT with L1 and ORPO beside SFT and DPO, merges of both SFT jobs, a merge search
 EXPERIMENT = {"train": {"variants": {"sft_l1": {"from": "sft", "l1": {"weight": 0.05}}, "orpo": {"from": "align", "method": "orpo"}}},
               "merge": {"sft": ["sft", "sft_l1"], "search": {"budget": 2, "methods": ["ties"], "densities": [0.3, 0.7],
-                                                            "weights": [[1.0, 1.0]], "sft": "sft_l1"}}}
+                                                            "weights": [[1.0, 1.0]], "sft": "sft_l1"}},
+              "evaluate": {"harness_tasks": ["world_mc"], "harness_include": ["world_mc.jsonl"]}}
 CANDIDATES = {"base", "sft", "sft_l1", "align", "orpo", "sequential", "paft_ties", "paft_task_arithmetic", "paft_ties_l1",
               "paft_task_arithmetic_l1", "paft_search"}
 
@@ -22,6 +25,9 @@ def flow_run(tmp_path_factory, prefect_harness):
 
     folder = tmp_path_factory.mktemp("flow")
     params_path = write_params(folder, EXPERIMENT)
+    # a local lm-evaluation-harness task from a JSONL file (evaluate.harness_include)
+    rows = [{"question": f"Which river is named {w}?", "choices": [w, "Tass", "Mole"], "answer": 0} for w in ("Oru", "Pel")]
+    (folder / "world_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = paft(params_path=str(params_path), overrides=[])
     return out, load_params(params_path)
 
@@ -33,6 +39,7 @@ def test_flow_runs_every_stage_and_reports_every_candidate(flow_run):
         row = out["results"][name]
         assert 0 <= row["task_em"] <= 1 and 0 <= row["pref_accuracy"] <= 1 and row["task_loss"] > 0
         assert "rec_faithfulness_parse_rate" in row and "pref_reward_accuracy" in row
+        assert row["harness_world_mc_acc"] in (0, 0.5, 1)  # the local harness task's two questions
         assert row["score"] == pytest.approx(row["task_em"] + row["pref_accuracy"])  # evaluate.score's default
         best = max(out["results"][s]["task_em"] for s in ("sft", "sft_l1", "align", "orpo"))
         assert row["tax_task_em"] == pytest.approx(best - row["task_em"])  # alignment tax vs the single stages
@@ -41,7 +48,7 @@ def test_flow_runs_every_stage_and_reports_every_candidate(flow_run):
     assert out["results"]["base"]["pref_reward_accuracy"] == 0  # its own reference: every reward is 0
     assert set(out["results"]["rec"]) >= {"rec_parse_rate", "rec_rating_accuracy", "rec_citations_verified", "rec_pair_accuracy",
                                          "rec_pair_position_consistency", "rec_injection_flip_rate"}
-    assert "| paft_ties |" in out["table"]
+    assert "| paft_ties |" in out["table"] and "harness_world_mc_acc" in out["table"].splitlines()[0]
     assert "| sft |" in out["sparsity_table"] and "| align |" in out["sparsity_table"]
 
 

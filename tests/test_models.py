@@ -82,3 +82,24 @@ def test_heldout_loss_is_the_mean_token_nll_and_implicit_reward_uses_the_referen
     assert got["pref_reward_margin"] == pytest.approx(sum(rewards) / 2, abs=1e-4)
     assert got["pref_reward_accuracy"] == sum(x > 0 for x in rewards) / 2
     assert got["pref_accuracy"] == sum(a > b for a, b in zip(c, r)) / 2
+
+
+def test_heldout_sft_loss_on_real_data_in_the_evaluation(tmp_path, shared_data, tiny_lm):
+    """A real SFT source's held-out rows (prepare's eval_sft) give every candidate its ``sft_loss``."""
+    from paft.evaluate.candidates import evaluate_all
+
+    tok, model = tiny_lm
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    sources = [{"kind": "synthetic", "n_sft": 8, "n_preference": 4, "n_rec": 8, "n_eval": 4},
+               {"kind": "local", "path": str(shared_data / "sft/self_instruct_seed_tasks.jsonl"), "format": "self_instruct",
+                "limit": 40}]
+    p = load_params(write_params(tmp_path, {"data": {"sources": sources, "eval_fraction": 0.25},
+                                            "evaluate": {"max_examples": 10, "max_new_tokens": 4}}))
+    data = prepare(p)
+    held = [__import__("json").loads(line) for line in (tmp_path / "data/processed/eval_sft.jsonl").read_text().splitlines()]
+    assert len(held) == 10 and all(r["source"] != "synthetic" for r in held)
+    row = evaluate_all(p, [{"name": "m", "path": str(model_dir)}], None, data["path"], tmp_path / "ev")["m"]
+    assert row["sft_loss"] == pytest.approx(M.completion_loss(model, tok, held), rel=1e-5)
+    assert row["sft_loss"] > 0 and row["task_loss"] > 0

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from paft.evaluate.report import results_table
+from paft.evaluate.report import COLUMNS, results_table
 from paft.io import atomic_dir
 
 DEFAULT_CHART_METRICS = ("score", "task_em", "pref_accuracy", "style_rate", "pref_margin", "rec_faithfulness",
@@ -272,7 +272,8 @@ def _sections(data: dict) -> list[tuple[str, str, list]]:
 
 def _search_blocks(s: dict, taken: set[str]) -> list:
     points = [{**p, "metrics": p.get("metrics") or {}} for p in s["points"]]
-    metrics = list(dict.fromkeys(k for p in points for k in p["metrics"]))
+    logged = list(dict.fromkeys(k for p in points for k in p["metrics"]))
+    metrics = [m for m in COLUMNS if m in logged] or logged  # the candidate table's columns, not every sub-metric
     key = "score" if "score" in metrics else metrics[0] if metrics else None
     if key:  # best first, points without the objective last
         points.sort(key=lambda p: -v if (v := _float(p["metrics"].get(key))) is not None else math.inf)
