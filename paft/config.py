@@ -72,7 +72,8 @@ Source = Annotated[SyntheticSource | LocalSource | HubSource, Field(discriminato
 class DataConfig(Section):
     seed: int = 0
     sources: list[Source] = Field(default_factory=lambda: [SyntheticSource()], min_length=1)
-    eval_fraction: Fraction = 0.1  # share of real-data rows held out for evaluation
+    # share of each real source's rows held out for evaluation, and as much again for validation (the merge search)
+    eval_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
 
 
 # ----------------------------------------------------------------------------- model

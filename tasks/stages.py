@@ -240,8 +240,8 @@ def merge(params: Params, base: dict, trained: dict[str, dict], run_dir: str, pa
 @task(name="merge_search", cache_policy=NO_CACHE)
 def merge_search(params: Params, base: dict, trained: dict[str, dict], data: dict, run_dir: str, parent_id: str,
                  rec: dict | None = None) -> dict | None:
-    """The merge search (``merge.search``): each point merged, scored on the held-out sets (and judged by REC with
-    ``merge.search.rec``) and logged as a child run of the ``merge_search`` run, so that MLflow's compare view shows
+    """The merge search (``merge.search``): each point merged, scored on the validation sets (``val_*``, apart from
+    the evaluation's; judged by REC too with ``merge.search.rec``) and logged as a child run of the ``merge_search`` run, so that MLflow's compare view shows
     the whole search; only the best point's model is kept (and logged, for the registry). None when the budget is 0."""
     import shutil
 
@@ -267,7 +267,7 @@ def merge_search(params: Params, base: dict, trained: dict[str, dict], data: dic
                 metrics = with_score(evaluate_all(params, [{"name": point.name, "path": str(path)}],
                                                   rec["path"] if cfg.rec and rec else None, data["path"],
                                                   folder / f"{point.name}.evaluation", reference=base["path"],
-                                                  harness=False), weights)[point.name]
+                                                  harness=False, split="val"), weights)[point.name]
                 tracker.log_metrics(run_id, metrics)
                 row = {"name": point.name, "method": point.method, "density": point.density,
                        "weights": list(point.weights), "metrics": metrics, "run_id": run_id, "path": str(path)}

@@ -131,6 +131,14 @@ def test_merge_search_points_are_child_runs_of_the_search_and_the_best_is_a_cand
 
     kept = sorted(p.name for p in (Path(out["run_dir"]) / "search").iterdir() if not p.name.endswith(".evaluation"))
     assert kept == [best["name"]]  # only the best merge is kept, and logged for the registry
+    # scored on the validation set, not on the evaluation's held-out tasks the results table reports
+    from paft.io import read_jsonl
+
+    data = Path(params.path(params.paths.data_dir))
+    judged = {r["prompt"] for r in read_jsonl(Path(out["run_dir"]) / "search" / f"{best['name']}.evaluation" /
+                                              f"generations_{best['name']}.jsonl")}
+    assert judged and judged <= {r["prompt"] for r in read_jsonl(data / "val_tasks.jsonl")}
+    assert not judged & {r["prompt"] for r in read_jsonl(data / "eval_tasks.jsonl")}
     assert any(a.path == "model" for a in client.list_artifacts(best["run_id"]))
 
 

@@ -25,6 +25,10 @@ def test_synthetic_world_is_deterministic_and_held_out():
     train_prompts = {r["prompt"] for r in a["sft"]} | {r["prompt"] for r in a["preference"]}
     assert not train_prompts & {r["prompt"] for r in a["eval_tasks"]}
     assert not train_prompts & {r["prompt"] for r in a["eval_preference"]}
+    # the validation set (the merge search selects on it) is apart from training and from the evaluation
+    val = {r["prompt"] for r in a["val_tasks"] + a["val_preference"]}
+    assert len(a["val_tasks"]) == len(a["val_preference"]) == 12 and a["val_preference"][0]["chosen"].startswith(world.STYLE_PREFIX)
+    assert not val & train_prompts and not val & {r["prompt"] for r in a["eval_tasks"] + a["eval_preference"]}
     # the pretraining corpus never shows the instructed answer form that SFT teaches
     assert not any("Answer:" in r["text"] for r in a["corpus"] if not r["text"].startswith("{"))
 
@@ -62,7 +66,8 @@ def test_prepare_writes_every_split_and_versions_by_content(tmp_path):
     out = prepare(params)
     folder = tmp_path / "data" / "processed"
     assert out["path"] == str(folder)
-    for name in ("sft", "preference", "rec", "eval_tasks", "eval_preference", "eval_rec", "corpus"):
+    for name in ("sft", "preference", "rec", "eval_tasks", "eval_preference", "eval_rec", "val_tasks", "val_preference",
+                 "corpus"):
         assert (folder / f"{name}.jsonl").is_file()
         assert out["counts"][name] == len(read_jsonl(folder / f"{name}.jsonl"))
     assert json.loads((folder / "summary.json").read_text())["counts"] == out["counts"]
@@ -110,8 +115,12 @@ def test_real_sources_feed_sft_and_preference_with_held_out_share(tmp_path, shar
         {"kind": "local", "path": str(shared_data / "preference/alpaca_eval_gpt4_vs_davinci003_annotations.json"), "format": "alpaca_eval_annotations", "limit": 50},
     ]}}))
     out = prepare(params)
-    assert out["counts"]["sft"] == 8 + 40 and out["counts"]["eval_sft"] == 10
-    assert out["counts"]["preference"] == 8 + 40 + 40 and out["counts"]["eval_preference"] == 4 + 10 + 10
+    assert out["counts"]["sft"] == 8 + 30 and out["counts"]["eval_sft"] == out["counts"]["val_sft"] == 10
+    assert out["counts"]["preference"] == 8 + 30 + 30 and out["counts"]["eval_preference"] == 4 + 10 + 10
+    assert out["counts"]["val_preference"] == 4 + 10 + 10
+    folder = tmp_path / "data/processed"
+    prompts = {n: {r["prompt"] for r in read_jsonl(folder / f"{n}.jsonl")} for n in ("sft", "eval_sft", "val_sft")}
+    assert not prompts["val_sft"] & (prompts["sft"] | prompts["eval_sft"]) and not prompts["eval_sft"] & prompts["sft"]
     summary = json.loads((tmp_path / "data/processed/summary.json").read_text())
     assert any(v.get("role") == "preference" for v in summary["sources"].values())
 

@@ -10,6 +10,8 @@ Files written (all JSONL):
 ``eval_preference`` like ``preference``                           held-out pairs
 ``eval_rec``        like ``rec``                                  held-out REC examples (synthetic)
 ``eval_rec_<name>`` like ``rec``                                  held-out REC examples of each real source
+``val_tasks``, ``val_sft``, ``val_preference``                     a validation set like the eval_* ones, apart
+                                                                  from them: what the merge search selects on
 ``corpus``          {text}                                        language-model text for the tiny base
 
 plus ``summary.json`` (row counts per file and per source, counted drops). The data version is the
@@ -25,7 +27,8 @@ from paft.config import HubSource, LocalSource, Params, SyntheticSource
 from paft.data import world
 from paft.io import atomic_dir, hash_dir, write_json, write_jsonl
 
-SPLITS = ("sft", "preference", "rec", "eval_tasks", "eval_sft", "eval_preference", "eval_rec", "corpus")
+SPLITS = ("sft", "preference", "rec", "eval_tasks", "eval_sft", "eval_preference", "eval_rec", "val_tasks", "val_sft",
+          "val_preference", "corpus")
 
 
 def _load_source(params: Params, src):
@@ -52,15 +55,17 @@ def collect(params: Params) -> tuple[dict[str, list[dict]], dict]:
         loaded = _load_source(params, src)
         rows = list(loaded.rows)
         random.Random(f"{cfg.seed}-split-{i}").shuffle(rows)
-        n_eval = int(round(len(rows) * cfg.eval_fraction)) if len(rows) > 1 else 0
-        train, held = rows[n_eval:], rows[:n_eval]
+        n_eval = int(round(len(rows) * cfg.eval_fraction)) if len(rows) > 2 else 0
+        held, val, train = rows[:n_eval], rows[n_eval : 2 * n_eval], rows[2 * n_eval :]
         splits[loaded.role].extend(train)
         splits[f"eval_{loaded.role}"].extend(held)
+        splits[f"val_{loaded.role}"].extend(val)
         for r in train:  # real text also teaches the tiny base model its language
             texts = [r["prompt"], r.get("completion") or r.get("chosen", "")]
             splits["corpus"].append({"text": "\n".join(t for t in texts if t)})
         name = src.path if isinstance(src, LocalSource) else src.name
-        report[f"{i}:{name}"] = {"role": loaded.role, "train": len(train), "eval": len(held), "dropped": dict(loaded.dropped)}
+        report[f"{i}:{name}"] = {"role": loaded.role, "train": len(train), "eval": len(held), "val": len(val),
+                                 "dropped": dict(loaded.dropped)}
     _rec_sources(params, splits, report)
     return splits, report
 

@@ -291,6 +291,11 @@ def generate(seed: int, n_sft: int, n_preference: int, n_rec: int, n_eval: int, 
                 out.append(t)
         return out
 
+    # a validation set apart from the evaluation set: what the merge search selects on (the evaluation reports)
+    vrng = random.Random(f"{seed}-val")
+    val_tasks, val_pref_tasks = fresh(vrng, n_eval), fresh(vrng, n_eval)
+    held_out |= {t.instruction for t in val_tasks + val_pref_tasks}
+
     sft = [{"prompt": t.instruction, "completion": format_answer(t.answer), "source": "synthetic"} for t in fresh(rng["sft"], n_sft)]
     pref = [preference_pair(t, rng["pref"]) for t in fresh(rng["pref"], n_preference)]
     eval_pref = [preference_pair(t, rng["eval"]) for t in eval_pref_tasks]
@@ -316,5 +321,7 @@ def generate(seed: int, n_sft: int, n_preference: int, n_rec: int, n_eval: int, 
         "eval_tasks": [t.record() for t in eval_tasks],
         "eval_preference": eval_pref,
         "eval_rec": eval_rec,
+        "val_tasks": [t.record() for t in val_tasks],
+        "val_preference": [preference_pair(t, vrng) for t in val_pref_tasks],
         "corpus": [{"text": t} for t in corpus],
     }

@@ -90,21 +90,23 @@ def harness_includes(params: Params, out_dir: Path | None = None) -> list[Path]:
 
 
 def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, data_dir: str | Path, out_dir: str | Path,
-                 reference: str | None = None, harness: bool = True) -> dict:
+                 reference: str | None = None, harness: bool = True, split: str = "eval") -> dict:
     """Metrics per candidate (plus ``rec`` for the evaluator itself); generations and results saved in ``out_dir``.
 
     ``reference``: the model DPO's implicit reward is measured against (the base), for every candidate alike.
-    ``harness``: also run ``evaluate.harness_tasks`` (lm-evaluation-harness) on each candidate."""
+    ``harness``: also run ``evaluate.harness_tasks`` (lm-evaluation-harness) on each candidate. ``split``: ``eval``
+    (the held-out sets the results report, and REC's own quality) or ``val`` (the validation sets the merge search
+    selects on, so that its choice is not made on the sets it is reported on)."""
     from paft.data.world import format_answer
 
     cfg, rec = params.evaluate, params.rec
     data_dir = Path(data_dir)
-    tasks = _held_out(data_dir, "eval_tasks", cfg.max_examples)
-    pairs = _held_out(data_dir, "eval_preference", cfg.max_examples)
-    sft_rows = _held_out(data_dir, "eval_sft", cfg.max_examples)  # real SFT data held out by prepare
+    tasks = _held_out(data_dir, f"{split}_tasks", cfg.max_examples)
+    pairs = _held_out(data_dir, f"{split}_preference", cfg.max_examples)
+    sft_rows = _held_out(data_dir, f"{split}_sft", cfg.max_examples)  # real SFT data held out by prepare
     task_rows = [{"prompt": t["prompt"], "completion": format_answer(t["answer"])} for t in tasks]
     rec_sets = {"rec" if f.stem == "eval_rec" else f"rec_{f.stem[len('eval_rec_'):]}": _held_out(data_dir, f.stem, cfg.max_examples)
-                for f in sorted(data_dir.glob("eval_rec*.jsonl"))}
+                for f in sorted(data_dir.glob("eval_rec*.jsonl"))} if split == "eval" else {}
     ref_logps = None
     if reference and pairs:
         tok, model = load_candidate(params, {"path": reference})
