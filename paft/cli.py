@@ -49,21 +49,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pathlib import Path
+    out = args.out or f"report-{args.run_id}"
+    if args.no_artifact:  # no Prefect: the library alone
+        from paft.evaluate.experiment import write_experiment_report
+        from paft.tracking import Tracker
 
-    from paft.evaluate.experiment import write_experiment_report
-    from paft.tracking import Tracker
-
-    params = _params(args)
-    out = Path(args.out or f"report-{args.run_id}")
-    rep = write_experiment_report(Tracker.from_params(params), args.run_id, out, log=not args.no_log)
-    if not args.no_artifact:
+        rep = write_experiment_report(Tracker.from_params(_params(args)), args.run_id, out, log=not args.no_log)
+        rep = {"html": rep["html"], "markdown": rep["markdown"], "verdict": rep["data"].get("verdict", {}).get("text")}
+    else:
+        _params(args)  # a bad params file stops here, before Prefect starts
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from tasks.common import publish_results
+        from flows.report import paft_report
 
-        publish_results(rep["summary"])
-    if "verdict" in rep["data"]:
-        print(rep["data"]["verdict"]["text"])
+        rep = paft_report(args.run_id, out, args.params, args.overrides, log=not args.no_log)
+    if rep["verdict"]:
+        print(rep["verdict"])
     print(f"Report: {rep['html']}\n        {rep['markdown']}")
     return 0
 

@@ -192,3 +192,21 @@ def test_retraining_runs_only_when_the_data_version_differs_from_the_champions(f
     assert same["skipped"] and same["data_version"] == same["champion_data_version"] == out["data_version"]
     new = stages.check_data.fn(load_params(path, ["data.seed=7"]))
     assert new["champion_data_version"] == out["data_version"] != new["data_version"]  # new data: the flow goes on
+
+
+def test_report_flow_publishes_the_summary_as_a_prefect_artifact(flow_run, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.report import paft_report
+
+    out, params = flow_run
+    from pathlib import Path
+
+    rep = paft_report(out["parent_run_id"], str(tmp_path / "rep"), str(Path(params.root) / "params.yaml"), log=False)
+    assert rep["verdict"] == out["verdict"] and Path(rep["html"]).is_file()
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["paft-results"])))
+        latest = max(arts, key=lambda a: a.created)
+        assert client.read_flow_run(latest.flow_run_id).name and out["verdict"] in latest.data
+        assert client.read_flow(client.read_flow_run(latest.flow_run_id).flow_id).name == "paft-report"
