@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from paft.config import Params
-from paft.errors import ConfigError
 from paft.data.formats import format_prompt
+from paft.errors import ConfigError
 from paft.evaluate import metrics as M
 from paft.io import atomic_dir, read_jsonl, write_json, write_jsonl
 

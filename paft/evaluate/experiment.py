@@ -93,4 +93,3 @@ def write_experiment_report(tracker, run_id: str, out_dir: str | Path, log: bool
     if log:
         tracker.log_artifacts(run_id, out_dir, "report")
     return {**paths, "data": data, "summary": summary_markdown(data)}
-
