@@ -22,4 +22,4 @@ def paft_report(run_id: str, out_dir: str, params_path: str = "params.yaml", ove
     params = load_params(params_path, overrides)
     rep = write_experiment_report(Tracker.from_params(params), run_id, out_dir, log=log)
     publish_results(rep["summary"])
-    return {k: rep[k] for k in ("html", "markdown")} | {"verdict": rep["data"].get("verdict", {}).get("text")}
+    return {k: rep[k] for k in ("html", "markdown", "verdict")}

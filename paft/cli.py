@@ -55,7 +55,6 @@ def cmd_report(args) -> int:
         from paft.tracking import Tracker
 
         rep = write_experiment_report(Tracker.from_params(_params(args)), args.run_id, out, log=not args.no_log)
-        rep = {"html": rep["html"], "markdown": rep["markdown"], "verdict": rep["data"].get("verdict", {}).get("text")}
     else:
         _params(args)  # a bad params file stops here, before Prefect starts
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

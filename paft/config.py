@@ -6,6 +6,7 @@ Every stage receives its own section. Unknown keys and bad values fail at load t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -207,12 +208,10 @@ class TrainSection(Section):
 
     @model_validator(mode="after")
     def _variants_valid(self):
-        import re
-
         for name, spec in self.variants.items():
             if not re.match(_JOB_NAME, name) or name in (*JOB_KINDS, *RESERVED_JOBS):
-                raise TrainConfig._key_error("variants", f"job name {name!r}: use lower-case letters, digits and _ "
-                                             f"(not {', '.join((*JOB_KINDS, *RESERVED_JOBS))})", name)
+                raise located_error("TrainSection", ("variants",), f"job name {name!r}: use lower-case letters, digits "
+                                    f"and _ (not {', '.join((*JOB_KINDS, *RESERVED_JOBS))})", name)
             if not isinstance(spec, dict) or spec.get("from") not in JOB_KINDS:
                 raise located_error("TrainSection", ("variants", name, "from"), "give from: sft or from: align",
                                     spec.get("from") if isinstance(spec, dict) else spec)

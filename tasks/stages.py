@@ -124,7 +124,7 @@ def result_storage(params: Params):
 def _stage_task(params: Params, stage: str, inputs: dict):
     """(task, inputs) of stage ``stage``: "sequential", "rec", or a training job of the fan-out (its kind's task
     with the job's name)."""
-    if stage in STAGES and stage not in ("sft", "align"):
+    if stage in ("sequential", "rec"):
         return STAGES[stage], inputs
     return STAGES[params.train.jobs()[stage]], inputs | {"job": stage}
 
@@ -241,11 +241,12 @@ def merge(params: Params, base: dict, trained: dict[str, dict], run_dir: str, pa
 def merge_search(params: Params, base: dict, trained: dict[str, dict], data: dict, run_dir: str, parent_id: str,
                  rec: dict | None = None) -> dict | None:
     """The merge search (``merge.search``): each point merged, scored on the validation sets (``val_*``, apart from
-    the evaluation's; judged by REC too with ``merge.search.rec``) and logged as a child run of the ``merge_search`` run, so that MLflow's compare view shows
-    the whole search; only the best point's model is kept (and logged, for the registry). None when the budget is 0."""
+    the evaluation's; judged by REC too with ``merge.search.rec``) and logged as a child run of the ``merge_search``
+    run, so that MLflow's compare view shows the whole search; only the best point's model is kept (and logged, for
+    the registry). None when the budget is 0."""
     import shutil
 
-    from paft.evaluate.candidates import evaluate_all
+    from paft.evaluate.candidates import evaluate_all, reference_logprobs
     from paft.evaluate.report import score_label, with_score
     from paft.merge.search import search_points
 
@@ -254,6 +255,7 @@ def merge_search(params: Params, base: dict, trained: dict[str, dict], data: dic
         return None
     points = search_points(cfg.methods, cfg.densities, cfg.weights, budget=cfg.budget, strategy=cfg.strategy, seed=params.seed)
     folder = Path(run_dir) / "search"
+    reference = reference_logprobs(params, base["path"], data["path"], split="val")  # once for every point
     best: dict | None = None
     rows = []
     with stage_run(params, parent_id, "merge_search") as (tracker, search_id):
@@ -266,7 +268,7 @@ def merge_search(params: Params, base: dict, trained: dict[str, dict], data: dic
                 _merge(params, tracker, run_id, base, inputs, point.method, path)
                 metrics = with_score(evaluate_all(params, [{"name": point.name, "path": str(path)}],
                                                   rec["path"] if cfg.rec and rec else None, data["path"],
-                                                  folder / f"{point.name}.evaluation", reference=base["path"],
+                                                  folder / f"{point.name}.evaluation", reference=reference,
                                                   harness=False, split="val"), weights)[point.name]
                 tracker.log_metrics(run_id, metrics)
                 row = {"name": point.name, "method": point.method, "density": point.density,
@@ -309,13 +311,15 @@ def sparsity(params: Params, base: dict, trained: dict[str, dict], run_dir: str,
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(params: Params, candidates: list[dict], rec: dict, data: dict, run_dir: str, parent_id: str,
              reference: str | None = None, sparsity: dict | None = None) -> dict:
-    """Every candidate's metrics, with its score, alignment tax and delta sparsity; REC's own quality."""
-    from paft.evaluate.candidates import evaluate_all
+    """Every candidate's metrics, with its score, alignment tax and delta sparsity; REC's own quality.
+    ``reference``: the model the implicit reward is measured against (the base)."""
+    from paft.evaluate.candidates import evaluate_all, reference_logprobs
     from paft.evaluate.report import with_alignment_tax, with_score, with_sparsity
 
     with stage_run(params, parent_id, "evaluate") as (tracker, run_id):
         out = Path(run_dir) / "evaluation"
-        results = evaluate_all(params, candidates, rec["path"], data["path"], out, reference=reference)
+        ref = reference_logprobs(params, reference, data["path"]) if reference else None
+        results = evaluate_all(params, candidates, rec["path"], data["path"], out, reference=ref)
         results = with_sparsity(results, (sparsity or {}).get("overall", {}))
         results = with_alignment_tax(with_score(results, params.evaluate.score), tuple(params.train.jobs()))
         for name, metrics in results.items():
@@ -358,5 +362,4 @@ def report(params: Params, results: dict, merged: dict, search: dict | None, rec
                                              score=_score(results, "rec", "rec_promote_metric", t.rec_promote_metric))
     rep = write_experiment_report(tracker, parent_id, Path(run_dir) / "report")
     publish_results(rep["summary"])
-    return {"table": results_table(results), "registered": registered, "report": rep["html"],
-            "verdict": rep["data"].get("verdict", {}).get("text")}
+    return {"table": results_table(results), "registered": registered, "report": rep["html"], "verdict": rep["verdict"]}

@@ -89,11 +89,21 @@ def harness_includes(params: Params, out_dir: Path | None = None) -> list[Path]:
     return out
 
 
+def reference_logprobs(params: Params, reference: str, data_dir: str | Path, split: str = "eval") -> tuple | None:
+    """``pair_logprobs`` of the ``reference`` model (the base) on the split's held-out pairs: what DPO's implicit
+    reward of every candidate is measured against (``evaluate_all(reference=...)``); None without pairs."""
+    pairs = _held_out(Path(data_dir), f"{split}_preference", params.evaluate.max_examples)
+    if not pairs:
+        return None
+    tok, model = load_candidate(params, {"path": reference})
+    return M.pair_logprobs(model, tok, pairs, params.evaluate.batch_size)
+
+
 def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, data_dir: str | Path, out_dir: str | Path,
-                 reference: str | None = None, harness: bool = True, split: str = "eval") -> dict:
+                 reference: tuple | None = None, harness: bool = True, split: str = "eval") -> dict:
     """Metrics per candidate (plus ``rec`` for the evaluator itself); generations and results saved in ``out_dir``.
 
-    ``reference``: the model DPO's implicit reward is measured against (the base), for every candidate alike.
+    ``reference``: :func:`reference_logprobs` of the same split, for the implicit reward of every candidate.
     ``harness``: also run ``evaluate.harness_tasks`` (lm-evaluation-harness) on each candidate. ``split``: ``eval``
     (the held-out sets the results report, and REC's own quality) or ``val`` (the validation sets the merge search
     selects on, so that its choice is not made on the sets it is reported on)."""
@@ -107,11 +117,6 @@ def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, d
     task_rows = [{"prompt": t["prompt"], "completion": format_answer(t["answer"])} for t in tasks]
     rec_sets = {"rec" if f.stem == "eval_rec" else f"rec_{f.stem[len('eval_rec_'):]}": _held_out(data_dir, f.stem, cfg.max_examples)
                 for f in sorted(data_dir.glob("eval_rec*.jsonl"))} if split == "eval" else {}
-    ref_logps = None
-    if reference and pairs:
-        tok, model = load_candidate(params, {"path": reference})
-        ref_logps = M.pair_logprobs(model, tok, pairs, cfg.batch_size)
-        del model
     judge = None
     if rec_path:
         from paft.rec.judge import Judge, JudgeOptions
@@ -133,7 +138,7 @@ def evaluate_all(params: Params, candidates: list[dict], rec_path: str | None, d
                 row["task_loss"] = M.completion_loss(model, tok, task_rows, cfg.batch_size)
             if sft_rows:
                 row["sft_loss"] = M.completion_loss(model, tok, sft_rows, cfg.batch_size)
-            row.update(M.preference_accuracy(model, tok, pairs, cfg.batch_size, reference=ref_logps))
+            row.update(M.preference_accuracy(model, tok, pairs, cfg.batch_size, reference=reference))
             if judge and tasks:
                 row.update(M.rec_ratings(judge, tasks, gens, cfg.rec_dimensions, rec.citations))
             if harness_tasks:

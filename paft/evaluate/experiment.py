@@ -16,9 +16,6 @@ from paft.errors import PaftError
 from paft.evaluate.report import rec_table, results_table, verdict
 
 CURVES = ("loss", "task_loss", "l1_penalty", "rewards/accuracies", "rewards/margins")
-CHART_METRICS = ("score", "task_em", "pref_accuracy", "pref_reward_accuracy", "style_rate", "task_loss", "sft_loss",
-                 "rec_faithfulness", "rec_instruction_following", "rec_coherence", "rec_completeness",
-                 "rec_citations_verified", "delta_sparsity")
 
 
 def collect(tracker, run_id: str) -> dict:
@@ -36,7 +33,6 @@ def collect(tracker, run_id: str) -> dict:
                 "tags": {k: v for k, v in run["tags"].items() if not k.startswith("mlflow.")}},
         "results": results,
         "table": results_table(results, rec=False),
-        "chart_metrics": [m for m in CHART_METRICS if any(m in r for n, r in results.items() if not n.startswith("rec"))],
         "links": [[name, tracker.run_url(rid)] for name, rid, _ in children],
     }
     if any(k.startswith("rec") for k in results):
@@ -85,11 +81,12 @@ def summary_markdown(data: dict) -> str:
 
 def write_experiment_report(tracker, run_id: str, out_dir: str | Path, log: bool = True) -> dict:
     """Write the report of the flow run ``run_id`` (markdown, standalone HTML, charts) to ``out_dir``; with ``log``
-    also log it to that MLflow run under ``report/``. Returns the page's paths plus ``data`` and ``summary``."""
+    also log it to that MLflow run under ``report/``. Returns the page's paths plus ``data``, ``summary`` (the
+    markdown of the Prefect artifact) and ``verdict`` (its text, None without one)."""
     from paft.evaluate.page import write_report
 
     data = collect(tracker, run_id)
     paths = write_report(data, out_dir)
     if log:
         tracker.log_artifacts(run_id, out_dir, "report")
-    return {**paths, "data": data, "summary": summary_markdown(data)}
+    return {**paths, "data": data, "summary": summary_markdown(data), "verdict": data.get("verdict", {}).get("text")}

@@ -20,8 +20,9 @@ from pathlib import Path
 from paft.evaluate.report import COLUMNS, results_table
 from paft.io import atomic_dir
 
-DEFAULT_CHART_METRICS = ("score", "task_em", "pref_accuracy", "style_rate", "pref_margin", "rec_faithfulness",
-                         "rec_instruction_following", "delta_sparsity")
+DEFAULT_CHART_METRICS = ("score", "task_em", "pref_accuracy", "pref_reward_accuracy", "style_rate", "task_loss",
+                         "sft_loss", "rec_faithfulness", "rec_instruction_following", "rec_coherence", "rec_completeness",
+                         "rec_citations_verified", "delta_sparsity")
 COLOURS = {"paft": "#e07b18", "sequential": "#2a9d8f", "other": "#9aa9b8"}
 KIND_LABELS = {"paft": "PAFT merges (paft_*)", "sequential": "sequential", "other": "other candidates"}
 MAX_PANELS = 6  # series per training run drawn as small multiples
